@@ -1,0 +1,136 @@
+// ops.h: the signature of every kernel, and the table through which the chosen target is called.
+//
+// Letters used throughout: B batch, Hq query heads, Hkv key/value heads, L query length,
+// S key length, E head dim of queries and keys, Ev head dim of values, M/N/K matrix sizes.
+// Conventions: outputs first, then inputs, then sizes; sizes and strides are int64 and strides
+// count elements, not bytes. Inputs were validated by the Python layer (mhattn/_checks.py):
+// kernels trust shapes, strides and pointers.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace mhattn {
+
+// ---------------------------------------------------------------------------------------------
+// GEMM: C = A · B + bias, with B packed once into panels (pack_b) and C written through OutMap.
+
+// Where C(m, n) lives. Rows come in groups of `rows_per_group`, columns in groups of
+// `cols_per_group` (columns inside a group are contiguous):
+//   C(m, n) = data + (m / rows_per_group) * row_group_stride + (m % rows_per_group) * row_stride
+//                  + (n / cols_per_group) * col_group_stride + (n % cols_per_group)
+// A plain row-major matrix is one group each way. The in-projection uses the groups to write
+// Q, K and V straight into the (B, H, L, E) layout: rows (b, l), columns (h, e).
+struct OutMap {
+  float* data;
+  int64_t rows_per_group, row_group_stride, row_stride;
+  int64_t cols_per_group, col_group_stride;
+  float* at(int64_t m, int64_t n) const {
+    return data + (m / rows_per_group) * row_group_stride + (m % rows_per_group) * row_stride +
+           (n / cols_per_group) * col_group_stride + (n % cols_per_group);
+  }
+  static OutMap row_major(float* c, int64_t M, int64_t N, int64_t ldc) {
+    return OutMap{c, M > 0 ? M : 1, 0, ldc, N > 0 ? N : 1, 0};
+  }
+};
+
+// B (K, N) packed into panels of NR columns: panel p holds B[k, p*NR + j] at
+// data[p * K * NR + k * NR + j], zero-padded past N. NR is the target's (see gemm.cpp).
+struct PackedB {
+  std::vector<float> data;
+  int64_t K = 0, N = 0;
+  int nr = 0;
+  std::string target;  // the target whose micro-kernel this layout is for
+};
+
+// ---------------------------------------------------------------------------------------------
+// Attention.
+
+// A mask over (B, Hq, L, S), broadcast by zero strides. kind: 0 none, 1 bool (bytes, a key takes
+// part where the byte equals `keep`), 2 float (added to the scaled scores).
+struct MaskArg {
+  int kind = 0;
+  const void* data = nullptr;
+  int64_t sb = 0, sh = 0, sl = 0, ss = 0;
+  uint8_t keep = 1;
+};
+
+// out (B, Hq, L, Ev) = softmax(scale * q kᵀ + masks) v, head h reading kv head h / (Hq / Hkv).
+// q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), out: all with the last axis contiguous,
+// the other strides free. weights (B, Hq, L, S) contiguous and zero-filled, or null.
+// Key j is visible to query l when the masks allow it and, with p = l + diag_offset,
+//   causal: j <= p;   window > 0: j > p - window (and j < p + window when not causal).
+struct AttnArgs {
+  float* out;
+  int64_t out_sb, out_sh, out_sl;
+  float* weights;
+  const float* q;
+  int64_t q_sb, q_sh, q_sl;
+  const float* k;
+  int64_t k_sb, k_sh, k_ss;
+  const float* v;
+  int64_t v_sb, v_sh, v_ss;
+  MaskArg masks[2];
+  int64_t B, Hq, Hkv, L, S, E, Ev;
+  float scale;
+  bool causal;
+  int64_t diag_offset;  // 0 for top-left alignment, S - L for bottom-right
+  int64_t window;       // 0: no window
+};
+
+// ---------------------------------------------------------------------------------------------
+// The kernels of one target. dispatch.cpp picks a table at import from the CPU's features.
+struct Kernels {
+  const char* name;
+  int nr;  // panel width of pack_b's layout
+  // dst (packed_size(K, N) floats) = B (K, N) packed, b(k, n) = b[k * b_ks + n * b_ns].
+  void (*pack_b)(float* dst, const float* b, int64_t b_ks, int64_t b_ns, int64_t K, int64_t N);
+  // C (M, N) = A (M, K) · B + bias (N, may be null); a(m, k) = a[m * a_rs + k * a_cs].
+  void (*gemm)(const OutMap& c, const float* a, int64_t a_rs, int64_t a_cs, const PackedB& b,
+               const float* bias, int64_t M);
+  // out = softmax(x) over each row of n; rows apart by ld in both. out may equal x.
+  void (*softmax)(float* out, const float* x, int64_t rows, int64_t n, int64_t ld);
+  void (*attention)(const AttnArgs& args);
+  // out[i] = exp(x[i]) with the kernels' vector exp; for testing its accuracy.
+  void (*vexp)(float* out, const float* x, int64_t n);
+};
+
+namespace generic { const Kernels* kernels(); }
+#ifdef MHATTN_HAVE_AVX2
+namespace avx2 { const Kernels* kernels(); }
+#endif
+
+// dispatch.cpp
+const Kernels& kernels();                       // the active target
+std::vector<std::string> supported_targets();   // compiled in and runnable on this CPU, best last
+void set_target(const std::string& name);       // throws std::invalid_argument if unsupported
+// B (K, N), b(k, n) = b[k * b_ks + n * b_ns], packed for the active target. Allocation lives
+// here rather than in the kernels so that no standard-library code is built with ISA flags.
+PackedB pack_b(const float* b, int64_t b_ks, int64_t b_ns, int64_t K, int64_t N);
+
+// threads.cpp
+int num_threads();
+void set_num_threads(int n);
+// A per-thread buffer of at least n floats, 64-byte aligned, reused across calls. slot picks
+// one of a few independent buffers so a kernel can hold several at once.
+float* thread_scratch(int slot, int64_t n);
+constexpr int kScratchSlots = 8;
+
+// mha.cpp: the multi-head attention forward, projections included.
+struct Projection {
+  const float* x;        // (rows, K), rows apart by x_rs, columns contiguous
+  int64_t x_rs, rows;
+  const PackedB* w;      // (K, N) packed: x · w is the projection
+  const float* bias;     // (N) or null
+  OutMap dst;
+};
+struct MhaArgs {
+  Projection proj[3];    // Q, K, V; a projection with w == null is skipped (cached keys)
+  AttnArgs attn;         // reads what the projections wrote; attn.out is the concat buffer
+  Projection out_proj;   // x = the concat buffer (rows of the query, Hq * Ev): heads side by side
+  float* avg_weights;    // (B, L, S) or null: weights averaged over heads (attn.weights set)
+};
+void mha_forward(const MhaArgs& args);
+
+}  // namespace mhattn

@@ -1,0 +1,126 @@
+// simd.h: the handful of vector operations the kernels are written against, once per target.
+//
+// Included only by the kernel sources (gemm.cpp, softmax.cpp, attention.cpp), which CMake
+// compiles once per target with MHATTN_TARGET set to the target's name. Everything here lives
+// in namespace mhattn::<target>, so the AVX2 build of an inline function can never be picked
+// by the linker for the portable build.
+//
+// A target provides: V (a vector of W floats), vload/vstore (unaligned), vset1, vzero, vadd,
+// vsub, vmul, vfma (a*b + c), vmax, vmin, vclamp (keeps NaN), vhsum, vhmax, and vexp.
+// Not here: anything that depends on a kernel's shapes; that lives in the kernel's own file.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#ifndef MHATTN_TARGET
+#error "simd.h is for kernel sources compiled with MHATTN_TARGET set (see CMakeLists.txt)"
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define MHATTN_SIMD_AVX2 1
+#endif
+
+namespace mhattn {
+namespace MHATTN_TARGET {
+
+#if defined(MHATTN_SIMD_AVX2)
+
+using V = __m256;
+constexpr int W = 8;
+inline V vload(const float* p) { return _mm256_loadu_ps(p); }
+inline void vstore(float* p, V v) { _mm256_storeu_ps(p, v); }
+inline V vset1(float x) { return _mm256_set1_ps(x); }
+inline V vzero() { return _mm256_setzero_ps(); }
+inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
+inline V vsub(V a, V b) { return _mm256_sub_ps(a, b); }
+inline V vmul(V a, V b) { return _mm256_mul_ps(a, b); }
+inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+inline V vmax(V a, V b) { return _mm256_max_ps(a, b); }
+inline V vmin(V a, V b) { return _mm256_min_ps(a, b); }
+// max/min return their second operand when either is NaN, so x goes second: NaN survives.
+inline V vclamp(V x, V lo, V hi) { return _mm256_min_ps(hi, _mm256_max_ps(lo, x)); }
+inline float vhsum(V v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline float vhmax(V v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+// n is integer-valued and in [-126, 127]: returns 2^n.
+inline V vpow2i(V n) {
+  __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
+}
+inline V vround(V x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+// Lanes where x < lo (false for NaN) become 0.
+inline V vzero_below(V x, V lo, V r) { return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), r); }
+
+#else  // portable: GCC/Clang vector extensions, lowered to SSE2 on x86-64 and NEON on ARM
+
+typedef float V __attribute__((vector_size(16)));
+typedef int32_t VI __attribute__((vector_size(16)));
+constexpr int W = 4;
+inline V vload(const float* p) { V v; std::memcpy(&v, p, sizeof v); return v; }
+inline void vstore(float* p, V v) { std::memcpy(p, &v, sizeof v); }
+inline V vset1(float x) { return V{} + x; }
+inline V vzero() { return V{}; }
+inline V vadd(V a, V b) { return a + b; }
+inline V vsub(V a, V b) { return a - b; }
+inline V vmul(V a, V b) { return a * b; }
+inline V vfma(V a, V b, V c) { return a * b + c; }
+inline V vmax(V a, V b) { return a > b ? a : b; }
+inline V vmin(V a, V b) { return a < b ? a : b; }
+inline V vclamp(V x, V lo, V hi) {
+  V t = x < lo ? lo : x;  // comparisons with NaN are false, so NaN passes through
+  return t > hi ? hi : t;
+}
+inline float vhsum(V v) { return (v[0] + v[2]) + (v[1] + v[3]); }
+inline float vhmax(V v) {
+  float a = v[0] > v[1] ? v[0] : v[1], b = v[2] > v[3] ? v[2] : v[3];
+  return a > b ? a : b;
+}
+inline V vpow2i(V n) {
+  VI e = (__builtin_convertvector(n, VI) + 127) << 23;
+  V r;
+  std::memcpy(&r, &e, sizeof r);
+  return r;
+}
+inline V vround(V x) {
+  // Adding and subtracting 1.5 * 2^23 rounds to nearest for |x| < 2^22 (all we need here).
+  const V magic = vset1(12582912.0f);
+  return (x + magic) - magic;
+}
+inline V vzero_below(V x, V lo, V r) { return x < lo ? V{} : r; }
+
+#endif
+
+// exp(x) in float32, within 2 ulp of the true value for x in [-87.3, 88]; 0 below that
+// (so exp(-inf) is exactly 0), exp(88) above; NaN stays NaN.
+// exp(x) = 2^n * exp(r) with n = round(x / ln2) and r = x - n ln2 in [-ln2/2, ln2/2];
+// exp(r) by the degree-6 minimax polynomial of Cephes' expf; ln2 is split into a part exact
+// in float (0.693359375) and a small correction, so r keeps its low bits.
+inline V vexp(V x) {
+  const V lo = vset1(-87.33654f), hi = vset1(88.0f);
+  V xc = vclamp(x, lo, hi);
+  V n = vround(vmul(xc, vset1(1.44269504088896341f)));
+  V r = vfma(n, vset1(-0.693359375f), xc);
+  r = vfma(n, vset1(2.12194440e-4f), r);
+  V p = vset1(1.9875691500e-4f);
+  p = vfma(p, r, vset1(1.3981999507e-3f));
+  p = vfma(p, r, vset1(8.3334519073e-3f));
+  p = vfma(p, r, vset1(4.1665795894e-2f));
+  p = vfma(p, r, vset1(1.6666665459e-1f));
+  p = vfma(p, r, vset1(5.0000001201e-1f));
+  p = vfma(p, vmul(r, r), vadd(r, vset1(1.0f)));
+  return vzero_below(x, lo, vmul(p, vpow2i(n)));
+}
+
+}  // namespace MHATTN_TARGET
+}  // namespace mhattn

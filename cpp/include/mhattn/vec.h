@@ -1,0 +1,53 @@
+// vec.h: small primitives over a row of floats, built on simd.h: max, exp-and-sum, scale.
+// Each has the same shape: a vector main loop, then a scalar tail for n not a multiple of W.
+// Used by softmax.cpp and attention.cpp; compiled per target like them.
+#pragma once
+
+#include <cmath>
+
+#include "mhattn/simd.h"
+
+namespace mhattn {
+namespace MHATTN_TARGET {
+
+// max_j x[j]; -inf for n = 0.
+inline float vec_max(const float* x, int64_t n) {
+  int64_t j = 0;
+  float m = -INFINITY;
+  if (n >= W) {
+    V acc = vload(x);
+    for (j = W; j + W <= n; j += W) acc = vmax(acc, vload(x + j));
+    m = vhmax(acc);
+  }
+  for (; j < n; ++j) m = x[j] > m ? x[j] : m;
+  return m;
+}
+
+// y[j] = exp(x[j] - shift); returns the sum of the y. y may equal x.
+inline float vec_exp_sum(float* y, const float* x, int64_t n, float shift) {
+  const V s = vset1(shift);
+  V acc = vzero();
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    const V e = vexp(vsub(vload(x + j), s));
+    vstore(y + j, e);
+    acc = vadd(acc, e);
+  }
+  float sum = vhsum(acc);
+  for (; j < n; ++j) {
+    y[j] = expf(x[j] - shift);
+    sum += y[j];
+  }
+  return sum;
+}
+
+// y[j] = a * x[j]. y may equal x.
+inline void vec_scale(float* y, const float* x, int64_t n, float a) {
+  const V va = vset1(a);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) vstore(y + j, vmul(va, vload(x + j)));
+  for (; j < n; ++j) y[j] = a * x[j];
+}
+
+}  // namespace MHATTN_TARGET
+}  // namespace mhattn

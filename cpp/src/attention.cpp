@@ -1,0 +1,280 @@
+// attention.cpp: fused scaled dot-product attention for every target (arguments: AttnArgs, ops.h).
+//
+// out (B, Hq, L, Ev) = softmax(scale · q kᵀ + masks) · v, computed for a tile of query rows at
+// a time against blocks of keys with the online softmax (a running max m and sum l per row),
+// so the L × S scores are never stored unless the weights are asked for.
+//
+// Tasks are (b, kv head, tile of up to BQ rows). The rows of a tile are the (l, g) pairs of the
+// G = Hq / Hkv query heads that share the kv head, l-major: with grouped-query attention every
+// key block is loaded once for all the heads that read it. Per tile and block of bk keys:
+//   1. kt (E × bkp) = kᵀ of the block, keys padded with zeros to bkp, a multiple of W
+//   2. S (R × bkp) = qs · kt, where qs (R × E) holds the tile's query rows times scale
+//   3. S = -inf outside each row's causal/window bounds and where a bool mask says no,
+//      S += float masks, S = -inf in the padding
+//   4. per row: m' = max(m, max_j S), P = exp(S - m'), l = l · exp(m - m') + Σ P,
+//      O = O · exp(m - m'), m = m'
+//   5. O (R × evp) += P · vp, where vp (bk × evp) is the block of v, Ev padded to evp
+// and at the end out = O / l, a row with l = 0 (no visible key) giving zeros rather than NaN.
+// With weights asked for, a first pass (steps 1-4 without O) finds every row's m and l, and a
+// second writes P = exp(S - m) / l to the weights and accumulates O = P · v.
+// Blocks outside every row's causal/window bounds are never visited.
+#include <algorithm>
+
+#include "mhattn/ops.h"
+#include "mhattn/vec.h"
+
+namespace mhattn {
+namespace MHATTN_TARGET {
+namespace {
+
+// Query rows per tile: qs, S and O of a tile (BQ × (E + bk + evp) floats, 96 KB at E = 64)
+// stay in the 1 MB L2 while the key blocks pass.
+constexpr int64_t BQ = 64;
+// Register tile for both products: RM rows × 2 vectors, 12 accumulators (as in gemm.cpp).
+constexpr int RM = 6;
+// Keys per block: kt and vp (bk × (E + evp) floats) fill about 32 KB, the L1d, so both stay
+// there while the tile's rows use them; at least 2W keys, at most 512.
+int64_t block_keys(int64_t E, int64_t evp) {
+  const int64_t bk = 8192 / std::max<int64_t>(1, E + evp) / W * W;
+  return std::clamp<int64_t>(bk, 2 * W, 512);
+}
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// s (R × NV·W, rows apart by lds) = qs (R × E) · kt (E × NV·W, rows apart by ldk).
+template <int R, int NV>
+void qk_tile(float* s, int64_t lds, const float* qs, const float* kt, int64_t ldk, int64_t E) {
+  V acc[R][NV];
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < NV; ++c) acc[i][c] = vzero();
+  for (int64_t e = 0; e < E; ++e) {
+    V kv[NV];
+    for (int c = 0; c < NV; ++c) kv[c] = vload(kt + e * ldk + c * W);
+    for (int i = 0; i < R; ++i) {
+      const V x = vset1(qs[i * E + e]);
+      for (int c = 0; c < NV; ++c) acc[i][c] = vfma(x, kv[c], acc[i][c]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < NV; ++c) vstore(s + i * lds + c * W, acc[i][c]);
+}
+
+// o (R × NV·W, rows apart by ldo) += p (R × bk, rows apart by ldp) · vp (bk × NV·W, ldv).
+template <int R, int NV>
+void pv_tile(float* o, int64_t ldo, const float* p, int64_t ldp, const float* vp, int64_t ldv,
+             int64_t bk) {
+  V acc[R][NV];
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < NV; ++c) acc[i][c] = vload(o + i * ldo + c * W);
+  for (int64_t j = 0; j < bk; ++j) {
+    V vv[NV];
+    for (int c = 0; c < NV; ++c) vv[c] = vload(vp + j * ldv + c * W);
+    for (int i = 0; i < R; ++i) {
+      const V x = vset1(p[i * ldp + j]);
+      for (int c = 0; c < NV; ++c) acc[i][c] = vfma(x, vv[c], acc[i][c]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < NV; ++c) vstore(o + i * ldo + c * W, acc[i][c]);
+}
+
+// s (R × bkp) = qs (R × E) · kt (E × bkp), for any R ≤ RM; bkp is a multiple of W.
+template <int R>
+void qk_rows(float* s, const float* qs, const float* kt, int64_t bkp, int64_t E) {
+  int64_t j = 0;
+  for (; j + 2 * W <= bkp; j += 2 * W) qk_tile<R, 2>(s + j, bkp, qs, kt + j, bkp, E);
+  if (j < bkp) qk_tile<R, 1>(s + j, bkp, qs, kt + j, bkp, E);
+}
+void qk(int64_t R, float* s, const float* qs, const float* kt, int64_t bkp, int64_t E) {
+  switch (R) {
+    case 1: return qk_rows<1>(s, qs, kt, bkp, E);
+    case 2: return qk_rows<2>(s, qs, kt, bkp, E);
+    case 3: return qk_rows<3>(s, qs, kt, bkp, E);
+    case 4: return qk_rows<4>(s, qs, kt, bkp, E);
+    case 5: return qk_rows<5>(s, qs, kt, bkp, E);
+    default: return qk_rows<RM>(s, qs, kt, bkp, E);
+  }
+}
+
+// o (R × evp) += p (R × bk, rows apart by ldp) · vp (bk × evp), for any R ≤ RM.
+template <int R>
+void pv_rows(float* o, const float* p, int64_t ldp, const float* vp, int64_t evp, int64_t bk) {
+  int64_t c = 0;
+  for (; c + 2 * W <= evp; c += 2 * W) pv_tile<R, 2>(o + c, evp, p, ldp, vp + c, evp, bk);
+  if (c < evp) pv_tile<R, 1>(o + c, evp, p, ldp, vp + c, evp, bk);
+}
+void pv(int64_t R, float* o, const float* p, int64_t ldp, const float* vp, int64_t evp,
+        int64_t bk) {
+  switch (R) {
+    case 1: return pv_rows<1>(o, p, ldp, vp, evp, bk);
+    case 2: return pv_rows<2>(o, p, ldp, vp, evp, bk);
+    case 3: return pv_rows<3>(o, p, ldp, vp, evp, bk);
+    case 4: return pv_rows<4>(o, p, ldp, vp, evp, bk);
+    case 5: return pv_rows<5>(o, p, ldp, vp, evp, bk);
+    default: return pv_rows<RM>(o, p, ldp, vp, evp, bk);
+  }
+}
+
+// One query row of a tile: where it comes from and goes, which keys it may see, its masks.
+struct Row {
+  const float* q;
+  float* out;
+  float* weights;        // its row of (B, Hq, L, S), or null
+  int64_t lo, hi;        // visible keys lie in [lo, hi) before masks
+  const void* mask[2];   // the row's start in each mask
+};
+
+enum class Pass { Online, Stats, Final };
+
+// Per-thread scratch of a tile, one slot each (threads.cpp): qs (BQ × E), kt (E × bk_max),
+// vp (bk_max × evp), S (BQ × bk_max), O (BQ × evp), m and l (BQ).
+struct Scratch {
+  float *qs, *kt, *vp, *s, *o, *m, *l;
+};
+
+// Runs steps 1-5 of the file comment over keys [key_lo, key_hi) for the R rows of a tile.
+void run_blocks(Pass pass, const AttnArgs& a, const Row* rows, int64_t R, const float* kbase,
+                const float* vbase, int64_t key_lo, int64_t key_hi, int64_t bk_max, int64_t evp,
+                const Scratch& t) {
+  const int64_t E = a.E, Ev = a.Ev;
+  for (int64_t j0 = key_lo; j0 < key_hi; j0 += bk_max) {
+    const int64_t bk = std::min(bk_max, key_hi - j0), bkp = round_up(bk, W);
+
+    // 1. kt = kᵀ of the block, zero-padded to bkp keys.
+    for (int64_t j = 0; j < bk; ++j) {
+      const float* kr = kbase + (j0 + j) * a.k_ss;
+      for (int64_t e = 0; e < E; ++e) t.kt[e * bkp + j] = kr[e];
+    }
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t j = bk; j < bkp; ++j) t.kt[e * bkp + j] = 0.0f;
+
+    // 2. S = qs · kt.
+    for (int64_t i0 = 0; i0 < R; i0 += RM)
+      qk(std::min<int64_t>(RM, R - i0), t.s + i0 * bkp, t.qs + i0 * E, t.kt, bkp, E);
+
+    // 3. bounds and masks, then 4. the softmax update of each row.
+    for (int64_t i = 0; i < R; ++i) {
+      float* s = t.s + i * bkp;
+      const Row& r = rows[i];
+      for (int64_t j = bk; j < bkp; ++j) s[j] = -INFINITY;
+      if (r.lo > j0 || r.hi < j0 + bk)
+        for (int64_t j = 0; j < bk; ++j)
+          if (j0 + j < r.lo || j0 + j >= r.hi) s[j] = -INFINITY;
+      for (int mi = 0; mi < 2; ++mi) {
+        const MaskArg& mk = a.masks[mi];
+        if (mk.kind == 1) {
+          const uint8_t* mr = static_cast<const uint8_t*>(r.mask[mi]) + j0 * mk.ss;
+          for (int64_t j = 0; j < bk; ++j)
+            if (mr[j * mk.ss] != mk.keep) s[j] = -INFINITY;
+        } else if (mk.kind == 2) {
+          const float* mr = static_cast<const float*>(r.mask[mi]) + j0 * mk.ss;
+          for (int64_t j = 0; j < bk; ++j) s[j] += mr[j * mk.ss];
+        }
+      }
+
+      if (pass == Pass::Final) {
+        // m and l are final: P = exp(S - m) / l, which is also the row of weights.
+        const float shift = t.m[i] == -INFINITY ? 0.0f : t.m[i];
+        vec_exp_sum(s, s, bkp, shift);
+        vec_scale(s, s, bkp, t.l[i]);  // t.l holds 1/l in this pass
+        if (r.weights) std::copy(s, s + bk, r.weights + j0);
+        continue;
+      }
+      const float mx = vec_max(s, bkp);
+      const float m_new = mx > t.m[i] ? mx : t.m[i];
+      const float shift = m_new == -INFINITY ? 0.0f : m_new;  // all masked so far: P = 0
+      const float alpha = expf(t.m[i] - shift);
+      t.l[i] = t.l[i] * alpha + vec_exp_sum(s, s, bkp, shift);
+      t.m[i] = m_new;
+      if (pass == Pass::Online && alpha != 1.0f) vec_scale(t.o + i * evp, t.o + i * evp, evp, alpha);
+    }
+    if (pass == Pass::Stats) continue;
+
+    // 5. O += P · vp.
+    for (int64_t j = 0; j < bk; ++j) {
+      const float* vr = vbase + (j0 + j) * a.v_ss;
+      float* d = t.vp + j * evp;
+      std::copy(vr, vr + Ev, d);
+      std::fill(d + Ev, d + evp, 0.0f);
+    }
+    for (int64_t i0 = 0; i0 < R; i0 += RM)
+      pv(std::min<int64_t>(RM, R - i0), t.o + i0 * evp, t.s + i0 * bkp, bkp, t.vp, evp, bk);
+  }
+}
+
+// out (and weights) of one task: batch b, kv head kvh, tile rows [r0, r0 + R) of the G·L rows.
+void attend_tile(const AttnArgs& a, int64_t b, int64_t kvh, int64_t r0, int64_t R, int64_t bk_max,
+                 int64_t evp, const Scratch& t) {
+  const int64_t G = a.Hq / a.Hkv, E = a.E, Ev = a.Ev;
+  Row rows[BQ];
+  int64_t key_lo = a.S, key_hi = 0;
+  for (int64_t i = 0; i < R; ++i) {
+    const int64_t l = (r0 + i) / G, h = kvh * G + (r0 + i) % G;
+    Row& r = rows[i];
+    r.q = a.q + b * a.q_sb + h * a.q_sh + l * a.q_sl;
+    r.out = a.out + b * a.out_sb + h * a.out_sh + l * a.out_sl;
+    r.weights = a.weights ? a.weights + ((b * a.Hq + h) * a.L + l) * a.S : nullptr;
+    const int64_t p = l + a.diag_offset;  // the row's diagonal in key positions
+    r.lo = a.window > 0 ? std::max<int64_t>(0, p - a.window + 1) : 0;
+    r.hi = a.causal ? p + 1 : (a.window > 0 ? p + a.window : a.S);
+    r.hi = std::clamp<int64_t>(r.hi, r.lo, a.S);
+    r.lo = std::min(r.lo, r.hi);
+    for (int mi = 0; mi < 2; ++mi) {
+      const MaskArg& mk = a.masks[mi];
+      const int64_t off = b * mk.sb + h * mk.sh + l * mk.sl;
+      r.mask[mi] = mk.kind == 1   ? static_cast<const void*>(static_cast<const uint8_t*>(mk.data) + off)
+                   : mk.kind == 2 ? static_cast<const void*>(static_cast<const float*>(mk.data) + off)
+                                  : nullptr;
+    }
+    if (r.lo < r.hi) {
+      key_lo = std::min(key_lo, r.lo);
+      key_hi = std::max(key_hi, r.hi);
+    }
+    vec_scale(t.qs + i * E, r.q, E, a.scale);
+    t.m[i] = -INFINITY;
+    t.l[i] = 0.0f;
+    std::fill(t.o + i * evp, t.o + (i + 1) * evp, 0.0f);
+  }
+  const float* kbase = a.k + b * a.k_sb + kvh * a.k_sh;
+  const float* vbase = a.v + b * a.v_sb + kvh * a.v_sh;
+
+  if (a.weights) {
+    run_blocks(Pass::Stats, a, rows, R, kbase, vbase, key_lo, key_hi, bk_max, evp, t);
+    for (int64_t i = 0; i < R; ++i) t.l[i] = t.l[i] == 0.0f ? 0.0f : 1.0f / t.l[i];
+    run_blocks(Pass::Final, a, rows, R, kbase, vbase, key_lo, key_hi, bk_max, evp, t);
+    for (int64_t i = 0; i < R; ++i) std::copy(t.o + i * evp, t.o + i * evp + Ev, rows[i].out);
+  } else {
+    run_blocks(Pass::Online, a, rows, R, kbase, vbase, key_lo, key_hi, bk_max, evp, t);
+    for (int64_t i = 0; i < R; ++i)
+      vec_scale(rows[i].out, t.o + i * evp, Ev, t.l[i] == 0.0f ? 0.0f : 1.0f / t.l[i]);
+  }
+}
+
+}  // namespace
+
+void attention(const AttnArgs& a) {
+  if (a.B == 0 || a.Hq == 0 || a.L == 0 || a.Ev == 0) return;
+  const int64_t G = a.Hq / a.Hkv;
+  const int64_t evp = round_up(a.Ev, W), bk_max = block_keys(a.E, evp);
+  const int64_t tiles = (G * a.L + BQ - 1) / BQ;
+  const int64_t tasks = a.B * a.Hkv * tiles;
+  const int nt = num_threads();
+  const double flops = 2.0 * a.B * a.Hq * a.L * a.S * (a.E + a.Ev);
+#pragma omp parallel for schedule(dynamic) num_threads(nt) if (nt > 1 && tasks > 1 && flops > 1e5)
+  for (int64_t task = 0; task < tasks; ++task) {
+    const int64_t b = task / (a.Hkv * tiles), kvh = task / tiles % a.Hkv;
+    const int64_t r0 = task % tiles * BQ, R = std::min(BQ, G * a.L - r0);
+    Scratch t;
+    t.qs = thread_scratch(0, BQ * a.E);
+    t.kt = thread_scratch(1, a.E * bk_max);
+    t.vp = thread_scratch(2, bk_max * evp);
+    t.s = thread_scratch(3, BQ * bk_max);
+    t.o = thread_scratch(4, BQ * evp);
+    t.m = thread_scratch(5, BQ);
+    t.l = thread_scratch(6, BQ);
+    attend_tile(a, b, kvh, r0, R, bk_max, evp, t);
+  }
+}
+
+}  // namespace MHATTN_TARGET
+}  // namespace mhattn

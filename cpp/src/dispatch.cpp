@@ -1,0 +1,95 @@
+// dispatch.cpp: choose the kernels' target at import from what this CPU can run.
+//
+// A target is runnable when the CPU has its instructions (CPUID) and the operating system
+// saves the registers they use across context switches (XGETBV). MHATTN_ISA=<name> overrides
+// the choice; a target the CPU cannot run is refused with an error, never run.
+#include <atomic>
+#include <stdexcept>
+
+#include "mhattn/ops.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <cpuid.h>
+#endif
+
+namespace mhattn {
+
+namespace {
+
+#if defined(MHATTN_HAVE_AVX2)
+bool cpu_has_avx2_fma() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+  const bool fma = c & (1u << 12), osxsave = c & (1u << 27), avx = c & (1u << 28);
+  if (!(fma && osxsave && avx)) return false;
+  // XCR0 bits 1 and 2: the OS saves the SSE and AVX register state.
+  unsigned lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  if ((lo & 0x6u) != 0x6u) return false;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  return b & (1u << 5);  // AVX2
+}
+#endif
+
+struct Target {
+  const char* name;
+  const Kernels* (*table)();
+  bool (*runnable)();
+};
+
+const Target kTargets[] = {
+    {"generic", generic::kernels, [] { return true; }},
+#if defined(MHATTN_HAVE_AVX2)
+    {"avx2", avx2::kernels, cpu_has_avx2_fma},
+#endif
+};
+
+const Kernels* choose_at_import() {
+  const Kernels* best = nullptr;
+  for (const Target& t : kTargets)
+    if (t.runnable()) best = t.table();
+  return best;
+}
+
+// Read on every kernel call, written only by set_target (at import, or by the tests).
+std::atomic<const Kernels*> g_active{choose_at_import()};
+
+}  // namespace
+
+const Kernels& kernels() { return *g_active.load(std::memory_order_acquire); }
+
+PackedB pack_b(const float* b, int64_t b_ks, int64_t b_ns, int64_t K, int64_t N) {
+  const Kernels& k = kernels();
+  PackedB p;
+  p.K = K;
+  p.N = N;
+  p.nr = k.nr;
+  p.target = k.name;
+  p.data.resize(static_cast<size_t>((N + k.nr - 1) / k.nr * k.nr * K));
+  k.pack_b(p.data.data(), b, b_ks, b_ns, K, N);
+  return p;
+}
+
+std::vector<std::string> supported_targets() {
+  std::vector<std::string> names;
+  for (const Target& t : kTargets)
+    if (t.runnable()) names.emplace_back(t.name);
+  return names;
+}
+
+void set_target(const std::string& name) {
+  std::string known;
+  for (const Target& t : kTargets) {
+    if (name == t.name) {
+      if (!t.runnable())
+        throw std::invalid_argument("MHATTN_ISA=" + name + ": this CPU cannot run the " + name +
+                                    " kernels");
+      g_active.store(t.table(), std::memory_order_release);
+      return;
+    }
+    known += known.empty() ? t.name : std::string(", ") + t.name;
+  }
+  throw std::invalid_argument("MHATTN_ISA=" + name + ": unknown target; this build has " + known);
+}
+
+}  // namespace mhattn

@@ -1,0 +1,30 @@
+// kernels.cpp: the table of one target's kernels. Compiled once per target with the kernels,
+// so `kernels()` of mhattn::avx2 hands out the AVX2 builds of gemm.cpp, softmax.cpp and
+// attention.cpp.
+#include "mhattn/ops.h"
+
+#define MHATTN_STR2(x) #x
+#define MHATTN_STR(x) MHATTN_STR2(x)
+
+namespace mhattn {
+namespace MHATTN_TARGET {
+
+// gemm.cpp
+int panel_width();
+void pack_b(float* dst, const float* b, int64_t b_ks, int64_t b_ns, int64_t K, int64_t N);
+void gemm(const OutMap& c, const float* a, int64_t a_rs, int64_t a_cs, const PackedB& b,
+          const float* bias, int64_t M);
+// softmax.cpp
+void softmax(float* out, const float* x, int64_t rows, int64_t n, int64_t ld);
+void vexp_array(float* out, const float* x, int64_t n);
+// attention.cpp
+void attention(const AttnArgs& args);
+
+const Kernels* kernels() {
+  static const Kernels table = {MHATTN_STR(MHATTN_TARGET), panel_width(), pack_b, gemm,
+                                softmax, attention, vexp_array};
+  return &table;
+}
+
+}  // namespace MHATTN_TARGET
+}  // namespace mhattn

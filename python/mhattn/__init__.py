@@ -1,0 +1,67 @@
+"""mhattn: fast multi-head attention for CPUs.
+
+A C++ core (SIMD chosen at run time, OpenMP threads) behind a NumPy API that follows PyTorch:
+scaled_dot_product_attention, MultiHeadAttention (with KVCache for decoding), and the building
+blocks softmax, linear and matmul. mhattn.reference defines every op in plain NumPy.
+Everything computes in float32; see the README for the numeric policy.
+"""
+
+from __future__ import annotations
+
+import os
+
+from . import _core, reference
+from ._core import __version__
+from .functional import linear, matmul, scaled_dot_product_attention, softmax
+from .modules import KVCache, MultiHeadAttention
+
+__all__ = [
+    "__version__",
+    "scaled_dot_product_attention",
+    "MultiHeadAttention",
+    "KVCache",
+    "softmax",
+    "linear",
+    "matmul",
+    "set_num_threads",
+    "get_num_threads",
+    "show_config",
+    "reference",
+]
+
+
+def set_num_threads(n):
+    """Use n threads in mhattn's kernels (mhattn only: PyTorch's and NumPy's are not touched)."""
+    from ._checks import as_int
+
+    _core.set_num_threads(as_int(n, "n", 1))
+
+
+def get_num_threads():
+    """The number of threads mhattn's kernels use."""
+    return _core.get_num_threads()
+
+
+def show_config():
+    """Print the version, the SIMD target chosen at run time, and the thread count."""
+    print(f"mhattn {__version__}")
+    print(f"  SIMD target: {_core.target()} (this CPU can run: {', '.join(_core.targets())})")
+    print(f"  threads:     {get_num_threads()}")
+
+
+def _default_threads():
+    env = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+_core.set_num_threads(_default_threads())
+if os.environ.get("MHATTN_ISA"):
+    try:
+        _core.set_target(os.environ["MHATTN_ISA"])
+    except ValueError as e:
+        raise ImportError(str(e)) from None

@@ -1,0 +1,200 @@
+"""All input validation of mhattn, in one place.
+
+Every public function sends its arguments through here before anything reaches C++. Errors name
+the argument and show the shapes involved: ValueError for shapes and values, TypeError for
+dtypes. What comes out is what the kernels expect: float32 arrays (other float dtypes are
+converted) whose last axis is contiguous, with any other strides, and masks as 4-D views
+broadcast by zero strides, never materialised.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+
+_F32 = np.dtype(np.float32)
+
+
+def _shapes(**arrays):
+    return ", ".join(f"{name} {tuple(np.shape(a))}" for name, a in arrays.items() if a is not None)
+
+
+def as_float(x, name):
+    """x as a float32 ndarray; float16/float64 are converted, other dtypes raise TypeError."""
+    a = x if isinstance(x, np.ndarray) else np.asarray(x)
+    if a.dtype == _F32:
+        return a
+    if a.dtype.kind != "f":
+        raise TypeError(f"{name} must be a floating-point array (float32; float16 and float64 are "
+                        f"converted), got dtype {a.dtype}")
+    return a.astype(_F32)
+
+
+def last_contiguous(a):
+    """a, or a copy of it, whose last axis is contiguous and strides are whole elements."""
+    if a.ndim and a.shape[-1] > 1 and a.strides[-1] != 4 or any(s % 4 for s in a.strides):
+        return np.ascontiguousarray(a)
+    return a
+
+
+def as_int(x, name, minimum):
+    try:
+        v = operator.index(x)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(x).__name__}") from None
+    if v < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {v}")
+    return v
+
+
+def rows_2d(x, dim):
+    """x (..., dim) as a 2-D (rows, dim) view when the layout allows it, else a copy."""
+    return last_contiguous(x.reshape(-1, dim))
+
+
+def mask_4d(mask, name, full_shape, shapes, bool_keep):
+    """(array broadcast to 4-D full_shape, keep) for the kernel, or None.
+
+    A bool mask becomes a uint8 view whose byte `bool_keep` means "attend"; a float mask is
+    float32 and added to the scores. `full_shape` is (B, Hq, L, S).
+    """
+    if mask is None:
+        return None
+    m = mask if isinstance(mask, np.ndarray) else np.asarray(mask)
+    if m.dtype == np.bool_:
+        m, keep = m.view(np.uint8), bool_keep
+    elif m.dtype.kind == "f":
+        m, keep = m.astype(_F32, copy=False), 0
+    else:
+        raise TypeError(f"{name} must be bool or floating point, got dtype {m.dtype}")
+    try:
+        m = np.broadcast_to(m, full_shape)
+    except ValueError:
+        raise ValueError(f"{name} of shape {m.shape} does not broadcast to "
+                         f"{tuple(full_shape)} (B, Hq, L, S); {shapes}") from None
+    return (m, keep)
+
+
+def check_sdpa(query, key, value, attn_mask, is_causal, scale, enable_gqa, causal_align, window):
+    """Arguments of scaled_dot_product_attention -> what _core.attention takes, plus whether the
+    input had no batch axis."""
+    q, k, v = as_float(query, "query"), as_float(key, "key"), as_float(value, "value")
+    shapes = _shapes(query=q, key=k, value=v)
+    if q.ndim not in (3, 4) or k.ndim != q.ndim or v.ndim != q.ndim:
+        raise ValueError("query, key and value must all be (B, H, len, dim) or all (H, len, dim); "
+                         f"got {shapes}")
+    unbatched = q.ndim == 3
+    if unbatched:
+        q, k, v = q[None], k[None], v[None]
+    B, Hq, L, E = q.shape
+    _, Hkv, S, _ = k.shape
+    if k.shape[0] != B or v.shape[0] != B:
+        raise ValueError(f"query, key and value must have the same batch size; got {shapes}")
+    if k.shape[3] != E:
+        raise ValueError(f"query and key must have the same head dim E (last axis); got {shapes}")
+    if v.shape[1] != Hkv or v.shape[2] != S:
+        raise ValueError(f"key and value must have the same heads and length; got {shapes}")
+    if Hq != Hkv:
+        if not enable_gqa:
+            raise ValueError(f"query has {Hq} heads but key/value have {Hkv}; pass enable_gqa=True "
+                             f"for grouped-query attention; got {shapes}")
+        if Hkv == 0 or Hq % Hkv:
+            raise ValueError(f"with enable_gqa, the query heads ({Hq}) must be a multiple of the "
+                             f"key/value heads ({Hkv}); got {shapes}")
+    if causal_align not in ("top_left", "bottom_right"):
+        raise ValueError(f"causal_align must be 'top_left' or 'bottom_right', got {causal_align!r}")
+    if window is not None:
+        window = as_int(window, "window", 1)
+    if scale is None:
+        if E == 0:
+            raise ValueError(f"head dim E is 0, so the default scale 1/sqrt(E) is undefined; "
+                             f"pass scale; got {shapes}")
+        scale = 1.0 / np.sqrt(E)
+    full = (B, Hq, L, S) if not unbatched else (Hq, L, S)
+    mask = mask_4d(attn_mask, "attn_mask", full, shapes, bool_keep=1)
+    if mask is not None and unbatched:
+        mask = (mask[0][None], mask[1])
+    diag = S - L if causal_align == "bottom_right" else 0
+    return (last_contiguous(q), last_contiguous(k), last_contiguous(v), mask, bool(is_causal),
+            diag, window or 0, float(scale), unbatched)
+
+
+class MhaCall:
+    """A checked call of MultiHeadAttention: inputs as 2-D row views and sizes."""
+
+    __slots__ = ("xq", "xk", "xv", "B", "L", "S_new", "unbatched", "masks")
+
+
+def check_mha(mod, query, key, value, key_padding_mask, attn_mask, kv_cache):
+    """Arguments of MultiHeadAttention.__call__ -> MhaCall (masks are left to mha_masks, which
+    needs the total key length)."""
+    q = as_float(query, "query")
+    self_attention = key is None and value is None
+    if (key is None) != (value is None):
+        raise ValueError("pass both key and value (cross-attention) or neither (self-attention)")
+    k = q if self_attention else as_float(key, "key")
+    v = q if self_attention else as_float(value, "value")
+    shapes = _shapes(query=q, key=None if self_attention else k, value=None if self_attention else v)
+    if q.ndim not in (2, 3) or k.ndim != q.ndim or v.ndim != q.ndim:
+        raise ValueError(f"query, key and value must all be batched (3 dims) or all unbatched "
+                         f"(2 dims); got {shapes}")
+    if kv_cache is not None and not self_attention:
+        raise ValueError("kv_cache is for self-attention: pass only query (the new tokens)")
+    c = MhaCall()
+    c.unbatched = q.ndim == 2
+    if c.unbatched:
+        q, k, v = q[None], k[None], v[None]
+        seq = 1
+    else:
+        seq = 1 if mod.batch_first else 0
+    bat = 1 - seq if not c.unbatched else 0
+    c.B, c.L, c.S_new = q.shape[bat], q.shape[seq], k.shape[seq]
+    for name, x, dim in (("query", q, mod.embed_dim), ("key", k, mod.kdim), ("value", v, mod.vdim)):
+        if x.shape[-1] != dim:
+            raise ValueError(f"{name} must have {dim} features in its last axis; got {shapes}")
+    if k.shape[bat] != c.B or v.shape[bat] != c.B:
+        raise ValueError(f"query, key and value must have the same batch size; got {shapes}")
+    if v.shape[seq] != c.S_new:
+        raise ValueError(f"key and value must have the same length; got {shapes}")
+    if kv_cache is not None:
+        kv_cache._check_fits(mod, c.B, c.L)
+    c.xq = rows_2d(q, q.shape[-1])
+    c.xk = c.xq if self_attention else rows_2d(k, k.shape[-1])
+    c.xv = c.xq if self_attention else rows_2d(v, v.shape[-1])
+    c.masks = (key_padding_mask, attn_mask)
+    return c
+
+
+def mha_masks(c, num_heads, S, shapes_of):
+    """key_padding_mask (B, S) and attn_mask (L, S) or (B * Hq, L, S), torch's meaning (bool True
+    = ignored), as two kernel masks over (B, Hq, L, S)."""
+    kpm, am = c.masks
+    B, L, Hq = c.B, c.L, num_heads
+    full = (B, Hq, L, S)
+    out = []
+    if kpm is not None:
+        kpm_a = np.asarray(kpm)
+        want = (S,) if c.unbatched else (B, S)
+        if kpm_a.shape != want:
+            raise ValueError(f"key_padding_mask must be {want} (batch, key length); got "
+                             f"{kpm_a.shape}; {shapes_of}")
+        out.append(mask_4d(kpm_a.reshape(B, 1, 1, S), "key_padding_mask", full, shapes_of, 0))
+    if am is not None:
+        am_a = np.asarray(am)
+        if am_a.shape == (L, S):
+            am_4d = am_a
+        elif am_a.shape == (B * Hq, L, S):
+            am_4d = am_a.reshape(B, Hq, L, S)
+        else:
+            raise ValueError(f"attn_mask must be (L, S) = {(L, S)} or (B * num_heads, L, S) = "
+                             f"{(B * Hq, L, S)}; got {am_a.shape}; {shapes_of}")
+        out.append(mask_4d(am_4d, "attn_mask", full, shapes_of, 0))
+    return out + [None] * (2 - len(out))
+
+
+def check_weight(name, w, shape):
+    a = as_float(w, name)
+    if a.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {a.shape}")
+    return a

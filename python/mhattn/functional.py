@@ -1,0 +1,99 @@
+"""The functional API: scaled_dot_product_attention and the building blocks softmax, linear and
+matmul. Each checks its input (mhattn._checks), allocates the output and calls the C++ core
+with the GIL released. Inputs of another float dtype are converted to float32; outputs are
+float32 arrays.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _checks, _core
+
+__all__ = ["scaled_dot_product_attention", "softmax", "linear", "matmul"]
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
+                                 enable_gqa=False, *, causal_align="top_left", window=None):
+    """Attention of query over key/value: softmax(query @ keyᵀ * scale + mask) @ value.
+
+    Shapes (as torch.nn.functional.scaled_dot_product_attention):
+      query (B, Hq, L, E) or (Hq, L, E); key (B, Hkv, S, E); value (B, Hkv, S, Ev)
+      -> (B, Hq, L, Ev) (or (Hq, L, Ev)).
+    attn_mask broadcasts to (B, Hq, L, S) and is never expanded: bool True = the key takes
+    part, float = added to the scores. is_causal masks keys after each query's position,
+    aligned top-left (query l sees keys 0..l) or, with causal_align="bottom_right", so that the
+    last query sees every key (what a KV cache needs when L < S). window=W keeps only keys
+    within W positions of the query's (the W most recent with is_causal). scale defaults to
+    1/sqrt(E). enable_gqa lets Hq be a multiple of Hkv: query head h reads kv head
+    h // (Hq // Hkv). A query with no visible key gets zeros, not NaN.
+    """
+    q, k, v, mask, causal, diag, window, scale, unbatched = _checks.check_sdpa(
+        query, key, value, attn_mask, is_causal, scale, enable_gqa, causal_align, window)
+    B, Hq, L, _ = q.shape
+    out = np.empty((B, Hq, L, v.shape[3]), dtype=np.float32)
+    _core.attention(out, None, q, k, v, mask, None, causal, diag, window, scale)
+    return out[0] if unbatched else out
+
+
+def softmax(x, axis=-1):
+    """exp(x) / sum(exp(x)) along `axis`, stable (the max is subtracted first).
+    A slice that is entirely -inf gives zeros; NaN in a slice makes it NaN."""
+    a = _checks.as_float(x, "x")
+    if a.ndim == 0:
+        raise ValueError("softmax needs an array with at least one axis, got a scalar")
+    try:
+        moved = np.moveaxis(a, axis, -1)
+    except np.exceptions.AxisError:
+        raise ValueError(f"axis {axis} is out of range for x of shape {a.shape}") from None
+    rows = np.ascontiguousarray(moved).reshape(-1, moved.shape[-1] if moved.size else 1)
+    out = np.empty_like(rows)
+    _core.softmax(out, rows)
+    return np.moveaxis(out.reshape(moved.shape), -1, axis)
+
+
+def linear(x, weight, bias=None):
+    """x (..., K) @ weight (N, K).T + bias (N) -> (..., N), weight laid out as PyTorch stores it.
+
+    The weight is packed for the GEMM on every call; MultiHeadAttention packs its weights once.
+    """
+    a = _checks.as_float(x, "x")
+    w = _checks.as_float(weight, "weight")
+    b = None if bias is None else np.ascontiguousarray(_checks.as_float(bias, "bias"))
+    shapes = _checks._shapes(x=a, weight=w, bias=b)
+    if w.ndim != 2 or a.ndim < 1 or a.shape[-1] != w.shape[1]:
+        raise ValueError(f"linear wants x (..., K) and weight (N, K); got {shapes}")
+    if b is not None and b.shape != (w.shape[0],):
+        raise ValueError(f"bias must be (N,) = ({w.shape[0]},); got {shapes}")
+    x2 = _checks.rows_2d(a, a.shape[-1]) if a.shape[-1] else a.reshape(-1, 0)
+    out = np.empty((x2.shape[0], w.shape[0]), dtype=np.float32)
+    _core.gemm(out, x2, _core.Packed(w.T), b)
+    return out.reshape(a.shape[:-1] + (w.shape[0],))
+
+
+def matmul(a, b):
+    """a @ b with NumPy's rules: (..., M, K) @ (..., K, N) -> (..., M, N), batch axes broadcast,
+    a 1-D operand promoted to a matrix and its axis dropped from the result."""
+    x, y = _checks.as_float(a, "a"), _checks.as_float(b, "b")
+    shapes = _checks._shapes(a=x, b=y)
+    if x.ndim == 0 or y.ndim == 0:
+        raise ValueError(f"matmul does not take scalars; got {shapes}")
+    x2 = x[None, :] if x.ndim == 1 else x
+    y2 = y[:, None] if y.ndim == 1 else y
+    if x2.shape[-1] != y2.shape[-2]:
+        raise ValueError(f"matmul: a's last axis must match b's second to last; got {shapes}")
+    try:
+        batch = np.broadcast_shapes(x2.shape[:-2], y2.shape[:-2])
+    except ValueError:
+        raise ValueError(f"matmul: the batch axes do not broadcast; got {shapes}") from None
+    (M, K), N = x2.shape[-2:], y2.shape[-1]
+    x3 = np.broadcast_to(x2, batch + (M, K)).reshape(-1, M, K)
+    y3 = np.broadcast_to(y2, batch + (K, N)).reshape(-1, K, N)
+    out = np.empty((x3.shape[0], M, N), dtype=np.float32)
+    _core.matmul(out, x3, y3)
+    out = out.reshape(batch + (M, N))
+    if x.ndim == 1:
+        out = out[..., 0, :]
+    if y.ndim == 1:
+        out = out[..., 0]
+    return out

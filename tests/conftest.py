@@ -1,0 +1,30 @@
+import zlib
+
+import numpy as np
+import pytest
+
+import mhattn
+from mhattn import _core
+
+
+@pytest.fixture(params=_core.targets())
+def isa(request):
+    """Run the test once per SIMD target this CPU can run (the portable one always)."""
+    before = _core.target()
+    _core.set_target(request.param)
+    yield request.param
+    _core.set_target(before)
+
+
+@pytest.fixture(params=[1, 2])
+def threads(request):
+    before = mhattn.get_num_threads()
+    mhattn.set_num_threads(request.param)
+    yield request.param
+    mhattn.set_num_threads(before)
+
+
+@pytest.fixture
+def rng(request):
+    # A seed of its own for every test, stable from run to run.
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))

@@ -1,0 +1,149 @@
+"""scaled_dot_product_attention against mhattn.reference."""
+
+import numpy as np
+import pytest
+
+import mhattn
+from mhattn import reference as ref
+from tolerances import assert_close
+
+
+def qkv(rng, B, Hq, Hkv, L, S, E, Ev=None):
+    Ev = E if Ev is None else Ev
+    q = rng.standard_normal((B, Hq, L, E), dtype=np.float32)
+    k = rng.standard_normal((B, Hkv, S, E), dtype=np.float32)
+    v = rng.standard_normal((B, Hkv, S, Ev), dtype=np.float32)
+    return q, k, v
+
+
+def check(q, k, v, **kw):
+    got = mhattn.scaled_dot_product_attention(q, k, v, **kw)
+    assert_close(got, ref.scaled_dot_product_attention(q, k, v, **kw), "attention")
+    return got
+
+
+@pytest.mark.parametrize("L,S", [(1, 1), (7, 33), (33, 7), (65, 127), (127, 65), (1, 300)])
+@pytest.mark.parametrize("E", [8, 33, 64])
+def test_odd_lengths_and_head_dims(isa, threads, rng, L, S, E):
+    check(*qkv(rng, 2, 3, 3, L, S, E))
+
+
+@pytest.mark.parametrize("E,Ev", [(8, 8), (16, 24), (96, 96), (128, 128), (200, 7), (256, 256)])
+def test_head_dims_8_to_256(isa, rng, E, Ev):
+    check(*qkv(rng, 1, 2, 2, 37, 70, E, Ev))
+
+
+@pytest.mark.parametrize("align", ["top_left", "bottom_right"])
+@pytest.mark.parametrize("L,S", [(1, 50), (13, 13), (20, 77), (77, 20), (130, 130)])
+def test_causal_both_alignments(isa, threads, rng, align, L, S):
+    check(*qkv(rng, 2, 2, 2, L, S, 32), is_causal=True, causal_align=align)
+
+
+@pytest.mark.parametrize("window,causal", [(1, True), (5, True), (40, True), (3, False), (64, False)])
+@pytest.mark.parametrize("align", ["top_left", "bottom_right"])
+def test_sliding_window(isa, rng, window, causal, align):
+    check(*qkv(rng, 1, 2, 2, 70, 90, 16), is_causal=causal, window=window, causal_align=align)
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(4, 1), (6, 2), (8, 8), (12, 4)])
+def test_grouped_query_heads(isa, threads, rng, Hq, Hkv):
+    q, k, v = qkv(rng, 2, Hq, Hkv, 19, 45, 24)
+    check(q, k, v, enable_gqa=True)
+    check(q, k, v, enable_gqa=True, is_causal=True)
+
+
+@pytest.mark.parametrize("mask_shape", [(37, 41), (2, 1, 37, 41), (1, 3, 1, 41), (41,), (37, 1), (2, 3, 37, 41)])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_masks_broadcast(isa, rng, mask_shape, kind):
+    q, k, v = qkv(rng, 2, 3, 3, 37, 41, 16)
+    if kind == "bool":
+        mask = rng.random(mask_shape) < 0.7
+    else:
+        mask = np.where(rng.random(mask_shape) < 0.2, -np.inf, rng.standard_normal(mask_shape)).astype(np.float32)
+    check(q, k, v, attn_mask=mask)
+    check(q, k, v, attn_mask=mask, is_causal=True)
+
+
+def test_mask_is_not_materialised(rng, monkeypatch):
+    # The kernel receives the broadcast view itself: a (1, 1, 1, S) mask arrives with zero strides.
+    q, k, v = qkv(rng, 2, 3, 3, 5, 9, 8)
+    seen = {}
+    real = mhattn._core.attention
+
+    def spy(out, weights, q, k, v, mask0, mask1, *rest):
+        seen["strides"] = mask0[0].strides
+        return real(out, weights, q, k, v, mask0, mask1, *rest)
+
+    monkeypatch.setattr(mhattn._core, "attention", spy)
+    mhattn.scaled_dot_product_attention(q, k, v, attn_mask=np.ones(9, bool))
+    assert seen["strides"][:3] == (0, 0, 0)
+
+
+def test_fully_masked_row_gives_zeros(isa, rng):
+    q, k, v = qkv(rng, 1, 2, 2, 6, 10, 8)
+    mask = np.ones((6, 10), bool)
+    mask[2] = False
+    got = check(q, k, v, attn_mask=mask)
+    assert np.all(got[:, :, 2] == 0) and np.all(np.isfinite(got))
+    fmask = np.zeros((6, 10), np.float32)
+    fmask[4] = -np.inf
+    got = check(q, k, v, attn_mask=fmask)
+    assert np.all(got[:, :, 4] == 0)
+
+
+def test_scale(isa, rng):
+    q, k, v = qkv(rng, 1, 2, 2, 9, 11, 16)
+    check(q, k, v, scale=0.37)
+    check(q, k, v, scale=2.0, is_causal=True)
+
+
+def test_unbatched_3d(isa, rng):
+    q, k, v = qkv(rng, 1, 3, 3, 9, 11, 16)
+    got = check(q[0], k[0], v[0], attn_mask=rng.random((9, 11)) < 0.5)
+    assert got.shape == (3, 9, 16)
+
+
+def test_non_contiguous_inputs(isa, rng):
+    q, k, v = qkv(rng, 3, 4, 4, 20, 30, 48)
+    qs = q[::2, :, ::3]                                  # strided batch and length
+    ks = np.swapaxes(np.swapaxes(k, 1, 2).copy(), 1, 2)[::2]  # (B, S, H, E) memory
+    vs = v[::2, :, :, ::2]                               # strided last axis: copied
+    check(qs, ks, vs)
+    check(q[:, ::-1], k[:, ::-1], v[:, ::-1])            # negative strides
+
+
+def test_float64_and_float16_inputs_are_converted(rng):
+    q, k, v = qkv(rng, 1, 2, 2, 5, 6, 8)
+    got = mhattn.scaled_dot_product_attention(q.astype(np.float64), k.astype(np.float16), v)
+    assert got.dtype == np.float32
+    assert_close(got, ref.scaled_dot_product_attention(q, k.astype(np.float16), v), "attention")
+
+
+@pytest.mark.parametrize("L,S", [(0, 5), (5, 0), (0, 0)])
+def test_zero_lengths(rng, L, S):
+    q, k, v = qkv(rng, 2, 2, 2, L, S, 8)
+    got = mhattn.scaled_dot_product_attention(q, k, v)
+    assert got.shape == (2, 2, L, 8) and np.all(got == 0)
+
+
+def test_nan_stays_in_the_rows_it_touches(isa, rng):
+    q, k, v = qkv(rng, 1, 1, 1, 8, 40, 16)
+    q[0, 0, 3, 5] = np.nan
+    got = mhattn.scaled_dot_product_attention(q, k, v)
+    assert np.all(np.isnan(got[0, 0, 3]))
+    others = np.delete(got[0, 0], 3, axis=0)
+    assert np.all(np.isfinite(others))
+    k[0, 0, 0, 0] = np.nan  # key 0 feeds every row; causal row 0 sees only it
+    got = mhattn.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert np.all(np.isnan(got))
+
+
+def test_thread_count_changes_nothing_beyond_rounding(rng):
+    q, k, v = qkv(rng, 2, 4, 4, 100, 130, 32)
+    results = []
+    for n in (1, 2, 3):
+        mhattn.set_num_threads(n)
+        results.append(mhattn.scaled_dot_product_attention(q, k, v, is_causal=True))
+    mhattn.set_num_threads(2)
+    for r in results[1:]:
+        np.testing.assert_allclose(r, results[0], rtol=1e-5, atol=1e-6)
