@@ -9,6 +9,7 @@ broadcast by zero strides, never materialised.
 
 from __future__ import annotations
 
+import math
 import operator
 
 import numpy as np
@@ -50,7 +51,7 @@ def as_int(x, name, minimum):
 
 def rows_2d(x, dim):
     """x (..., dim) as a 2-D (rows, dim) view when the layout allows it, else a copy."""
-    return last_contiguous(x.reshape(-1, dim))
+    return last_contiguous(x.reshape(math.prod(x.shape[:-1]), dim))
 
 
 def mask_4d(mask, name, full_shape, shapes, bool_keep):

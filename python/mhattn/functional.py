@@ -65,7 +65,7 @@ def linear(x, weight, bias=None):
         raise ValueError(f"linear wants x (..., K) and weight (N, K); got {shapes}")
     if b is not None and b.shape != (w.shape[0],):
         raise ValueError(f"bias must be (N,) = ({w.shape[0]},); got {shapes}")
-    x2 = _checks.rows_2d(a, a.shape[-1]) if a.shape[-1] else a.reshape(-1, 0)
+    x2 = _checks.rows_2d(a, a.shape[-1])
     out = np.empty((x2.shape[0], w.shape[0]), dtype=np.float32)
     _core.gemm(out, x2, _core.Packed(w.T), b)
     return out.reshape(a.shape[:-1] + (w.shape[0],))

@@ -23,7 +23,7 @@ __all__ = [
 def softmax(x, axis=-1):
     """exp(x) / sum(exp(x)) along `axis`. A slice that is all -inf (fully masked) gives zeros."""
     x = np.asarray(x, dtype=np.float64)
-    m = np.max(x, axis=axis, keepdims=True)
+    m = np.max(x, axis=axis, keepdims=True, initial=-np.inf)
     m = np.where(np.isneginf(m), 0.0, m)  # all -inf: shift by 0, every exp is 0
     e = np.exp(x - m)
     s = e.sum(axis=axis, keepdims=True)

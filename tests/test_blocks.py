@@ -1,0 +1,79 @@
+"""The building blocks softmax, linear and matmul, and the kernels' vector exp."""
+
+import numpy as np
+import pytest
+
+import mhattn
+from mhattn import _core
+from mhattn import reference as ref
+from tolerances import EXP_MAX_ULP, assert_close
+
+
+def mat(rng, *shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+@pytest.mark.parametrize("M", [1, 5, 17, 255])
+@pytest.mark.parametrize("N", [1, 5, 17, 255])
+@pytest.mark.parametrize("K", [1, 5, 17, 255, 1023])
+def test_linear_odd_sizes(isa, rng, M, N, K):
+    x, w, b = mat(rng, M, K, scale=K ** -0.5), mat(rng, N, K), mat(rng, N)
+    assert_close(mhattn.linear(x, w, b), ref.linear(x, w, b), "gemm")
+    assert_close(mhattn.linear(x, w), ref.linear(x, w), "gemm")
+
+
+@pytest.mark.parametrize("M,N,K", [(300, 200, 700), (1023, 65, 257), (64, 2304, 768)])
+def test_linear_blocked_sizes_both_thread_counts(isa, threads, rng, M, N, K):
+    x, w, b = mat(rng, M, K, scale=K ** -0.5), mat(rng, N, K), mat(rng, N)
+    assert_close(mhattn.linear(x, w, b), ref.linear(x, w, b), "gemm")
+
+
+def test_linear_strided_inputs_and_leading_axes(isa, rng):
+    x = mat(rng, 4, 9, 80, scale=0.1)[:, ::2, ::2]   # (4, 5, 40), strided everywhere
+    w = mat(rng, 40, 33).T                           # (33, 40) transposed view
+    b = mat(rng, 66)[::2]
+    got = mhattn.linear(x, w, b)
+    assert got.shape == (4, 5, 33)
+    assert_close(got, ref.linear(x, w, b), "gemm")
+
+
+def test_linear_zero_sizes(rng):
+    assert mhattn.linear(np.zeros((0, 4), np.float32), mat(rng, 3, 4)).shape == (0, 3)
+    got = mhattn.linear(np.zeros((2, 0), np.float32), np.zeros((3, 0), np.float32), np.ones(3, np.float32))
+    assert_close(got, np.ones((2, 3)), "gemm")
+
+
+@pytest.mark.parametrize("sa,sb", [((7, 5), (5, 9)), ((3, 7, 5), (5, 9)), ((2, 1, 17, 33), (4, 33, 6)),
+                                   ((5,), (5, 9)), ((7, 5), (5,)), ((6, 130, 257), (6, 257, 129))])
+def test_matmul_broadcasting(isa, rng, sa, sb):
+    a, b = mat(rng, *sa, scale=sa[-1] ** -0.5), mat(rng, *sb)
+    assert_close(mhattn.matmul(a, b), ref.matmul(a, b), "gemm")
+
+
+def test_matmul_transposed_views(isa, rng):
+    a, b = mat(rng, 70, 50, scale=0.1), mat(rng, 90, 70)
+    assert_close(mhattn.matmul(a.T, b.T), ref.matmul(a.T, b.T), "gemm")
+
+
+@pytest.mark.parametrize("shape,axis", [((7, 33), -1), ((3, 65, 4), 1), ((127,), 0), ((2, 3, 5), 0), ((4, 0), -1)])
+def test_softmax(isa, threads, rng, shape, axis):
+    x = mat(rng, *shape, scale=5.0)
+    assert_close(mhattn.softmax(x, axis=axis), ref.softmax(x, axis=axis), "softmax")
+
+
+def test_softmax_masked_rows_and_nan(isa):
+    x = np.array([[-np.inf] * 5, [0, -np.inf, 1, -np.inf, 2], [1, np.nan, 0, 0, 0]] * 3, np.float32)
+    got = mhattn.softmax(x)
+    assert np.all(got[0] == 0)
+    assert_close(got[1], ref.softmax(x[1]), "softmax")
+    assert np.all(np.isnan(got[2]))
+
+
+def test_vector_exp_within_2_ulp(isa):
+    x = np.linspace(-87.3, 88.0, 200_003, dtype=np.float32)
+    got = _core._vexp(x)
+    want = np.exp(x.astype(np.float64))
+    ulp = np.abs(got - want) / np.spacing(want.astype(np.float32))
+    assert ulp.max() <= EXP_MAX_ULP
+    special = _core._vexp(np.array([-np.inf, -100.0, np.nan, 0.0, 1.0], np.float32))
+    assert special[0] == 0 and special[1] == 0 and np.isnan(special[2]) and special[3] == 1
