@@ -304,6 +304,14 @@ PYBIND11_MODULE(_core, m) {
     mhattn::mha_forward(a);
   });
 
+  m.def("_read_memory", [](const py::array& x) {
+    const float* in = in_f32(x, "x", 1);
+    require(x.shape(0) <= 1 || st(x, 0) == 1, "x must be contiguous");
+    const int64_t n = x.shape(0);
+    py::gil_scoped_release release;
+    return mhattn::read_memory(in, n);
+  }, "x"_a, "Sum of x read with mhattn's threads (the benchmark times it for bandwidth).");
+
   m.def("_vexp", [](const py::array& x) {
     const float* in = in_f32(x, "x", 1);
     require(x.shape(0) <= 1 || st(x, 0) == 1, "x must be contiguous");

@@ -1,7 +1,9 @@
-// threads.cpp: mhattn's own thread count and the per-thread scratch buffers of the kernels.
+// threads.cpp: mhattn's own thread count, the per-thread scratch buffers of the kernels, and a
+// parallel read of memory with the same threads (the benchmark's measure of bandwidth).
 //
 // The thread count is mhattn's alone: every parallel region says num_threads(num_threads()),
 // so set_num_threads never touches the OpenMP setting that PyTorch or NumPy see.
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <memory>
@@ -38,6 +40,27 @@ float* thread_scratch(int slot, int64_t n) {
     s.size = want;
   }
   return s.buf.get();
+}
+
+double read_memory(const float* x, int64_t n) {
+  // Four running sums per thread keep several loads in flight; the sum itself is unused.
+  double total = 0.0;
+  const int nt = num_threads();
+#pragma omp parallel for schedule(static) num_threads(nt) reduction(+ : total)
+  for (int64_t c = 0; c < (n + 4095) / 4096; ++c) {
+    float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    const int64_t end = std::min<int64_t>(n, (c + 1) * 4096);
+    int64_t i = c * 4096;
+    for (; i + 4 <= end; i += 4) {
+      s0 += x[i];
+      s1 += x[i + 1];
+      s2 += x[i + 2];
+      s3 += x[i + 3];
+    }
+    for (; i < end; ++i) s0 += x[i];
+    total += (s0 + s1) + (s2 + s3);
+  }
+  return total;
 }
 
 }  // namespace mhattn

@@ -116,6 +116,9 @@ void set_num_threads(int n);
 // one of a few independent buffers so a kernel can hold several at once.
 float* thread_scratch(int slot, int64_t n);
 constexpr int kScratchSlots = 8;
+// Reads x (n floats) once with num_threads() threads and returns its sum: the benchmark
+// times it to know the memory bandwidth the kernels can have.
+double read_memory(const float* x, int64_t n);
 
 // mha.cpp: the multi-head attention forward, projections included.
 struct Projection {

@@ -1,0 +1,47 @@
+"""The harness's cases (mhattn.bench) as pytest-benchmark suites, grouped by case and head count.
+
+    pytest bench/ --benchmark-group-by=group --benchmark-json out.json
+CI runs them once with --benchmark-disable, so they cannot rot. Every engine's output is checked
+against mhattn.reference before it is timed.
+"""
+
+import argparse
+
+import numpy as np
+import pytest
+
+from mhattn import bench, reference
+
+ARGS = argparse.Namespace(heads=None, batch=1, length=512, width=768)
+CASES = [c for name in ("heads", "fixed-dim", "design", "causal", "gqa", "decode", "layer", "gemm")
+         for c in bench.preset(name, ARGS)]
+
+
+def expected(case, inp):
+    if case.kind == "gemm":
+        return reference.linear(inp["x"], inp["w"])
+    if case.kind == "layer":
+        mod = inp["mod"]
+        return reference.multi_head_attention(inp["x"], inp["x"], inp["x"], mod.state_dict(),
+                                              mod.num_heads)[0]
+    return reference.scaled_dot_product_attention(inp["q"], inp["k"], inp["v"], is_causal=case.causal,
+                                                  enable_gqa=case.Hq != case.Hkv)
+
+
+@pytest.mark.parametrize("engine", list(bench.ENGINES))
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.kind}-{c.label}".replace(" ", "_") for c in CASES])
+def test_bench(benchmark, rng, case, engine):
+    inp = bench.make_inputs(case, rng)
+    try:
+        fn = bench.ENGINES[engine](case, inp)
+    except bench.Skip as e:
+        pytest.skip(str(e))
+    np.testing.assert_allclose(fn(), expected(case, inp), rtol=2e-3, atol=2e-3)
+    benchmark.group = f"{case.group} | H={case.Hq}" if case.kind != "gemm" else case.group
+    benchmark.extra_info.update(case=case.label, engine=engine, flops=case.flops)
+    benchmark(fn)
+    if benchmark.stats is not None:  # None under --benchmark-disable
+        median = benchmark.stats.stats.median
+        benchmark.extra_info["gflops"] = case.flops / median / 1e9
+        if case.kind == "decode":
+            benchmark.extra_info["gbps"] = case.bytes / median / 1e9

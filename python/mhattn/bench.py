@@ -1,0 +1,516 @@
+"""The benchmark harness behind `python -m mhattn bench`: cost per head count, engine beside engine.
+
+Engines: mhattn; NumPy (float32, the textbook formula); PyTorch (SDPA, nn.MultiheadAttention)
+and onnxruntime (com.microsoft MultiHeadAttention) when they are importable, listed as skipped
+otherwise. For every case each engine's output is first checked against mhattn's; a mismatch is
+reported and its timing marked. Timing is interleaved: in each round every engine gets a pause
+(thread pools still spinning from the previous library slow the next one by up to 2x), one
+untimed call, then a block of timed calls. Figures are medians over all blocks of one run, and
+ratios are only ever taken within that run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+import mhattn
+from mhattn import _core
+
+# ------------------------------------------------------------------------------------------
+# Cases
+
+
+@dataclasses.dataclass
+class Case:
+    """One shape of one op. kind: sdpa (attention alone), decode (sdpa with a short query and a
+    long key/value, bandwidth-bound), layer (MultiHeadAttention with projections), gemm
+    (x (M, K) @ W (N, K).T), tiny (the cost of a call)."""
+
+    group: str
+    kind: str
+    B: int = 1
+    Hq: int = 1
+    Hkv: int = 1
+    L: int = 1
+    S: int = 1
+    E: int = 64
+    causal: bool = False
+    M: int = 0
+    N: int = 0
+    K: int = 0
+    target: str = ""  # e.g. "1.15x best" checked by check_targets
+
+    @property
+    def label(self):
+        if self.kind == "gemm":
+            return f"{self.M}x{self.K}->{self.N}"
+        gqa = f"/{self.Hkv}" if self.Hkv != self.Hq else ""
+        if self.kind == "layer":
+            return f"B{self.B} L{self.L} D{self.Hq * self.E} H{self.Hq}"
+        return f"B{self.B} H{self.Hq}{gqa} L{self.L} S{self.S} E{self.E}" + (" causal" if self.causal else "")
+
+    @property
+    def flops(self):
+        """Useful flops: for causal attention only the visible half of the scores."""
+        if self.kind == "gemm":
+            return 2.0 * self.M * self.N * self.K
+        pairs = self.L * self.S
+        if self.causal:  # top-left: query l sees l + 1 keys
+            pairs = sum(min(l + 1, self.S) for l in range(self.L))
+        att = 4.0 * self.B * self.Hq * pairs * self.E
+        if self.kind == "layer":
+            D = self.Hq * self.E
+            return att + 2.0 * self.B * self.L * D * D * 4
+        return att
+
+    @property
+    def bytes(self):
+        """Bytes a decode step must read: the keys and values."""
+        return 2.0 * 4 * self.B * self.Hkv * self.S * self.E
+
+
+def heads_sweep(width=768, L=512, B=1, heads=(1, 2, 4, 8, 12, 16, 32, 64), target="1.15x best"):
+    return [Case(f"heads, width {width}", "sdpa", B, h, h, L, L, width // h, target=target)
+            for h in heads if width % h == 0]
+
+
+def fixed_dim_sweep(E=64, L=512, B=1, heads=(1, 2, 4, 8, 12, 16, 32, 64)):
+    return [Case(f"heads, head dim {E}", "sdpa", B, h, h, L, L, E) for h in heads]
+
+
+def preset(name, args):
+    heads = tuple(args.heads) if args.heads else (1, 2, 4, 8, 12, 16, 32, 64)
+    B, L, width = args.batch, args.length, args.width
+    if name == "heads":
+        return heads_sweep(width, L, B, heads)
+    if name == "fixed-dim":
+        return fixed_dim_sweep(64, L, B, heads)
+    if name == "design":
+        return [Case("design shapes", "sdpa", b, h, h, l, l, 64, target="1.15x best")
+                for b, h, l in ((1, 12, 128), (8, 12, 128), (1, 12, 512), (1, 16, 2048))]
+    if name == "causal":
+        return [Case("causal", "sdpa", 1, 32, 32, 1024, 1024, 128, causal=True, target="1.2x torch")]
+    if name == "gqa":
+        return [Case("grouped-query", "sdpa", 1, 32, 8, L, L, 128, causal=True)]
+    if name == "decode":
+        return [Case("decode", "decode", 1, 32, 32, 1, 4096, 128, target="0.75 bandwidth"),
+                Case("decode", "decode", 16, 32, 32, 1, 1024, 128, target="0.75 bandwidth"),
+                Case("decode", "decode", 1, 32, 8, 1, 4096, 128)]
+    if name == "layer":
+        return [Case("MultiHeadAttention layer", "layer", b, h, h, l, l, d // h, target="1.1x torch")
+                for b, l, d, h in ((1, 128, 768, 12), (8, 128, 768, 12), (1, 512, 768, 12), (1, 512, 1024, 16))]
+    if name == "gemm":
+        shapes = [(1024, 1024, 1024), (2048, 2048, 2048)]
+        shapes += [(m, n, 768) for m in (128, 512, 4096) for n in (2304, 768)] + [(1, 4096, 4096)]
+        return [Case("sgemm x @ W.T", "gemm", M=m, N=n, K=k, target="0.95x numpy") for m, n, k in shapes]
+    if name == "tiny":
+        return [Case("tiny call", "tiny", 1, 1, 1, 1, 16, 64, target="10us")]
+    raise ValueError(f"unknown preset {name!r}")
+
+
+PRESETS = ["heads", "fixed-dim", "design", "causal", "gqa", "decode", "layer", "gemm", "tiny"]
+
+
+# ------------------------------------------------------------------------------------------
+# Engines. Each turns a case and its inputs into a zero-argument callable whose result is
+# comparable with mhattn's (a NumPy array of the same shape), or raises Skip.
+
+
+class Skip(Exception):
+    pass
+
+
+def make_inputs(case, rng):
+    if case.kind == "gemm":
+        return dict(x=rng.standard_normal((case.M, case.K), dtype=np.float32) * case.K ** -0.5,
+                    w=rng.standard_normal((case.N, case.K), dtype=np.float32))
+    if case.kind == "layer":
+        D = case.Hq * case.E
+        mod = mhattn.MultiHeadAttention(D, case.Hq, seed=0)
+        return dict(mod=mod, x=rng.standard_normal((case.B, case.L, D), dtype=np.float32))
+    q = rng.standard_normal((case.B, case.Hq, case.L, case.E), dtype=np.float32)
+    k = rng.standard_normal((case.B, case.Hkv, case.S, case.E), dtype=np.float32)
+    v = rng.standard_normal((case.B, case.Hkv, case.S, case.E), dtype=np.float32)
+    return dict(q=q, k=k, v=v)
+
+
+def run_mhattn(case, inp):
+    if case.kind == "gemm":
+        packed = _core.Packed(inp["w"].T)  # a layer packs its weights once, when it is built
+        out = np.empty((case.M, case.N), np.float32)
+        return lambda: (_core.gemm(out, inp["x"], packed, None), out)[1]
+    if case.kind == "layer":
+        return lambda: inp["mod"](inp["x"])[0]
+    q, k, v = inp["q"], inp["k"], inp["v"]
+    gqa = case.Hq != case.Hkv
+    return lambda: mhattn.scaled_dot_product_attention(q, k, v, is_causal=case.causal, enable_gqa=gqa)
+
+
+def run_numpy(case, inp):
+    if case.kind == "gemm":
+        x, wt = inp["x"], inp["w"].T
+        return lambda: x @ wt
+    if case.kind == "layer":
+        sd = inp["mod"].state_dict()
+        x, H, E = inp["x"], case.Hq, case.E
+        w_in, b_in = sd["in_proj_weight"].T, sd["in_proj_bias"]
+        w_out, b_out = sd["out_proj.weight"].T, sd["out_proj.bias"]
+
+        def layer():
+            B, L, D = x.shape
+            qkv = (x @ w_in + b_in).reshape(B, L, 3, H, E).transpose(2, 0, 3, 1, 4)
+            o = numpy_sdpa(qkv[0], qkv[1], qkv[2], False, 1)
+            return o.transpose(0, 2, 1, 3).reshape(B, L, D) @ w_out + b_out
+        return layer
+    q, k, v = inp["q"], inp["k"], inp["v"]
+    return lambda: numpy_sdpa(q, k, v, case.causal, case.Hq // case.Hkv)
+
+
+def numpy_sdpa(q, k, v, causal, group):
+    """Attention as most NumPy code writes it, in float32: scores, softmax, weighted sum."""
+    if group > 1:
+        k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    s = (q @ k.swapaxes(-1, -2)) * np.float32(1 / math.sqrt(q.shape[-1]))
+    if causal:
+        s = np.where(np.tri(s.shape[-2], s.shape[-1], dtype=bool), s, np.float32(-np.inf))
+    s = np.exp(s - s.max(-1, keepdims=True))
+    s /= s.sum(-1, keepdims=True)
+    return s @ v
+
+
+def run_torch(case, inp):
+    try:
+        import torch
+    except ImportError:
+        raise Skip("torch is not installed") from None
+    torch.set_num_threads(mhattn.get_num_threads())
+    F = torch.nn.functional
+    if case.kind == "gemm":
+        x, w = torch.from_numpy(inp["x"]), torch.from_numpy(inp["w"])
+        return lambda: F.linear(x, w).numpy()
+    if case.kind == "layer":
+        mod = inp["mod"]
+        tm = torch.nn.MultiheadAttention(mod.embed_dim, mod.num_heads, batch_first=True).eval()
+        tm.load_state_dict({n: torch.from_numpy(a) for n, a in mod.state_dict().items()})
+        x = torch.from_numpy(inp["x"])
+
+        def layer():
+            with torch.inference_mode():
+                return tm(x, x, x, need_weights=False)[0].numpy()
+        return layer
+    q, k, v = (torch.from_numpy(inp[n]) for n in "qkv")
+    gqa = case.Hq != case.Hkv
+
+    def sdpa():
+        with torch.inference_mode():
+            return F.scaled_dot_product_attention(q, k, v, is_causal=case.causal, enable_gqa=gqa).numpy()
+    return sdpa
+
+
+def run_onnxruntime(case, inp):
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper
+    except ImportError:
+        raise Skip("onnxruntime or onnx is not installed") from None
+    if case.kind != "sdpa" and case.kind != "decode":
+        raise Skip("only attention is built for onnxruntime")
+    if case.Hq != case.Hkv:
+        raise Skip("com.microsoft MultiHeadAttention has no grouped-query heads")
+    if case.causal and case.L != case.S:
+        raise Skip("unidirectional needs L == S")
+    B, H, L, S, E = case.B, case.Hq, case.L, case.S, case.E
+    node = helper.make_node("MultiHeadAttention", ["query", "key", "value"], ["out"],
+                            domain="com.microsoft", num_heads=H, unidirectional=int(case.causal))
+    io = [helper.make_tensor_value_info(n, TensorProto.FLOAT, [B, n_len, H * E])
+          for n, n_len in (("query", L), ("key", S), ("value", S))]
+    graph = helper.make_graph([node], "mha", io,
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [B, L, H * E])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("com.microsoft", 1)])
+    model.ir_version = 10  # newer onnx writes IR versions that released onnxruntimes refuse
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = mhattn.get_num_threads()
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    # (B, H, n, E) -> (B, n, H*E), outside the timing
+    feeds = {name: np.ascontiguousarray(inp[t].transpose(0, 2, 1, 3).reshape(B, -1, H * E))
+             for name, t in (("query", "q"), ("key", "k"), ("value", "v"))}
+
+    def run():
+        return sess.run(None, feeds)[0].reshape(B, L, H, E).transpose(0, 2, 1, 3)
+    return run
+
+
+ENGINES = {"mhattn": run_mhattn, "torch": run_torch, "onnxruntime": run_onnxruntime, "numpy": run_numpy}
+
+
+# ------------------------------------------------------------------------------------------
+# Measuring
+
+
+def measure_bandwidth(repeats, pause):
+    """GB/s of a parallel read of 256 MB with mhattn's threads, median of `repeats`."""
+    x = np.ones(64 << 20, np.float32)
+    _core._read_memory(x)
+    samples = []
+    for _ in range(repeats):
+        time.sleep(pause / 4)
+        t0 = time.perf_counter()
+        _core._read_memory(x)
+        samples.append(x.nbytes / (time.perf_counter() - t0) / 1e9)
+    return statistics.median(samples)
+
+
+def calibrate(fn, min_sample_s):
+    """Calls per timed sample, so that a sample lasts at least min_sample_s."""
+    t0 = time.perf_counter()
+    fn()
+    dt = time.perf_counter() - t0
+    return max(1, int(math.ceil(min_sample_s / max(dt, 1e-7))))
+
+
+def bench_case(case, engines, repeats, rounds, pause, min_sample_s, rng):
+    inp = make_inputs(case, rng)
+    res = {}
+    fns = {}
+    ref = None
+    for name in engines:
+        try:
+            fn = ENGINES[name](case, inp)
+            out = np.asarray(fn())
+        except Skip as e:
+            res[name] = {"skipped": str(e)}
+            continue
+        except Exception as e:  # an engine that cannot run this case is reported, not fatal
+            if name == "mhattn":
+                raise
+            res[name] = {"skipped": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"}
+            continue
+        if ref is None:
+            ref = out
+            err, ok = 0.0, True
+        else:
+            scale = max(1.0, float(np.max(np.abs(ref))))
+            err = float(np.max(np.abs(out.astype(np.float64) - ref))) / scale if out.shape == ref.shape else math.inf
+            ok = err < 2e-3
+        res[name] = {"ok": ok, "max_err": err, "samples": []}
+        fns[name] = fn
+    inner = {name: calibrate(fn, min_sample_s) for name, fn in fns.items()}
+    per_round = max(1, repeats // rounds)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            time.sleep(pause)  # let the previous engine's spinning threads go to sleep
+            fn()
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                for _ in range(inner[name]):
+                    fn()
+                res[name]["samples"].append((time.perf_counter() - t0) / inner[name])
+    for name in fns:
+        s = sorted(res[name]["samples"])
+        med = statistics.median(s)
+        r = res[name]
+        r["median_s"] = med
+        r["spread"] = (s[-1] - s[0]) / med if med > 0 else 0.0
+        r["gflops"] = case.flops / med / 1e9
+        if case.kind == "decode":
+            r["gbps"] = case.bytes / med / 1e9
+    return res
+
+
+# ------------------------------------------------------------------------------------------
+# Reporting
+
+
+def machine_info():
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    versions = {"mhattn": mhattn.__version__, "numpy": np.__version__, "python": platform.python_version()}
+    for mod in ("torch", "onnxruntime"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except ImportError:
+            versions[mod] = None
+    return {"cpu": cpu, "simd_target": _core.target(), "threads": mhattn.get_num_threads(),
+            "platform": platform.platform(), "versions": versions}
+
+
+def target_met(case, res, bandwidth):
+    """(met, text) for the case's target, or None when it has none or an engine is missing."""
+    me = res.get("mhattn", {})
+    if not case.target or "median_s" not in me:
+        return None
+    t = case.target
+    if t.endswith("bandwidth"):
+        frac = me["gbps"] / bandwidth
+        return frac >= float(t.split()[0]), f"{frac:.0%} of {bandwidth:.1f} GB/s"
+    if t.endswith("us"):
+        return me["median_s"] * 1e6 < float(t[:-2]), f"{me['median_s'] * 1e6:.1f} us"
+    want, who = t.split("x ")
+    others = ["torch", "onnxruntime"] if who == "best" else [who]
+    times = [res[o]["median_s"] for o in others if "median_s" in res.get(o, {})]
+    if not times:
+        return None
+    ratio = min(times) / me["median_s"]
+    return ratio >= float(want), f"{ratio:.2f}x {who}"
+
+
+def fmt_engine(r):
+    if "skipped" in r:
+        return "skipped"
+    mark = "" if r["ok"] else " MISMATCH"
+    return f"{r['median_s'] * 1e3:8.3f} ±{r['spread'] * 100:3.0f}%{mark}"
+
+
+def print_table(results, engines, bandwidth, out=sys.stdout):
+    group = None
+    for case, res in results:
+        if case.group != group:
+            group = case.group
+            print(f"\n{group}", file=out)
+            head = f"  {'case':34s}" + "".join(f" | {e + ' ms':>16s}" for e in engines)
+            rate = "GB/s" if case.kind == "decode" else "GFLOP/s"
+            head += f" | {'mhattn ' + rate:>14s}" + "".join(f" | {'vs ' + e:>12s}" for e in engines[1:])
+            print(head + " | target", file=out)
+        row = f"  {case.label:34s}" + "".join(f" | {fmt_engine(res[e]):>16s}" for e in engines)
+        me = res["mhattn"]
+        rate = me.get("gbps", me.get("gflops"))
+        row += f" | {rate:14.1f}"
+        for e in engines[1:]:
+            r = res[e]
+            row += f" | {r['median_s'] / me['median_s']:11.2f}x" if "median_s" in r else f" | {'-':>12s}"
+        tm = target_met(case, res, bandwidth)
+        row += "" if tm is None else f" | {'met' if tm[0] else 'MISSED'} ({case.target}: {tm[1]})"
+        print(row, file=out)
+
+
+def plot(results, engines, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweeps = {}
+    for case, res in results:
+        if case.group.startswith("heads"):
+            sweeps.setdefault(case.group, []).append((case, res))
+    if not sweeps:
+        raise SystemExit("--plot needs a heads sweep (preset heads or fixed-dim)")
+    fig, axes = plt.subplots(len(sweeps), 2, figsize=(11, 4 * len(sweeps)), squeeze=False)
+    for row, (group, items) in zip(axes, sweeps.items()):
+        for e in engines:
+            pts = [(c.Hq, r[e]) for c, r in items if "median_s" in r[e]]
+            if not pts:
+                continue
+            hs = [h for h, _ in pts]
+            row[0].plot(hs, [r["median_s"] * 1e3 for _, r in pts], "o-", label=e)
+            row[1].plot(hs, [r["gflops"] for _, r in pts], "o-", label=e)
+        for ax, ylabel in zip(row, ("time per call (ms)", "GFLOP/s")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("heads")
+            ax.set_ylabel(ylabel)
+            ax.set_title(group)
+            ax.grid(True, alpha=0.3)
+        row[0].set_yscale("log")
+        row[1].legend()
+    fig.suptitle(f"attention, median of one run; {mhattn.get_num_threads()} threads, {_core.target()}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m mhattn bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("presets", nargs="*", default=["heads"],
+                   help=f"what to run: {', '.join(PRESETS)}, or all (default: heads)")
+    p.add_argument("--engines", default="mhattn,torch,onnxruntime,numpy")
+    p.add_argument("--heads", type=int, nargs="+", help="head counts of the sweeps")
+    p.add_argument("--width", type=int, default=768, help="model width of the heads sweep")
+    p.add_argument("--length", type=int, default=512, help="sequence length L = S of the sweeps")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="threads for every engine")
+    p.add_argument("--repeats", type=int, default=9, help="timed samples per engine and case")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds the samples come in")
+    p.add_argument("--pause", type=float, default=0.15, help="seconds of pause before each engine")
+    p.add_argument("--min-sample", type=float, default=0.02, help="seconds a timed sample lasts at least")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one sample: checks that it runs")
+    p.add_argument("--json", metavar="FILE", help="write every figure and the machine to FILE")
+    p.add_argument("--plot", metavar="FILE.png", help="plot time and GFLOP/s against head count")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.threads:
+        mhattn.set_num_threads(args.threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(mhattn.get_num_threads()))
+    names = PRESETS if "all" in args.presets else args.presets
+    if args.quick:
+        args.width, args.length, args.repeats, args.rounds, args.pause, args.min_sample = 64, 32, 1, 1, 0.0, 0.0
+    cases = [c for n in names for c in preset(n, args)]
+    if args.quick:  # the same cases, shrunk
+        for c in cases:
+            c.L, c.S, c.B = min(c.L, 33), min(c.S, 65), min(c.B, 2)
+            c.M, c.N, c.K = min(c.M, 70), min(c.N, 50), min(c.K, 40)
+            c.E = min(c.E, 64)
+    engines = [e.strip() for e in args.engines.split(",")]
+    if engines[0] != "mhattn" or any(e not in ENGINES for e in engines):
+        raise SystemExit(f"--engines must start with mhattn and name only {', '.join(ENGINES)}")
+
+    rng = np.random.default_rng(0)
+    info = machine_info()
+    print(f"mhattn {mhattn.__version__} bench: {info['cpu']}, {info['simd_target']}, "
+          f"{info['threads']} threads; median of {args.repeats} in {args.rounds} interleaved rounds, "
+          f"{args.pause}s pause before each engine")
+    bandwidth = measure_bandwidth(5 if not args.quick else 1, args.pause) if any(
+        c.kind == "decode" for c in cases) else None
+    if bandwidth:
+        print(f"memory read bandwidth, {info['threads']} threads: {bandwidth:.1f} GB/s")
+    results = []
+    t_start = time.perf_counter()
+    for i, case in enumerate(cases):
+        if time.perf_counter() - t_start > 2 and sys.stderr.isatty():
+            done = int(30 * i / len(cases))
+            print(f"\r[{'#' * done}{'.' * (30 - done)}] {i}/{len(cases)} {case.label:40s}",
+                  end="", file=sys.stderr, flush=True)
+        results.append((case, bench_case(case, engines, args.repeats, args.rounds, args.pause,
+                                         args.min_sample, rng)))
+    if sys.stderr.isatty() and time.perf_counter() - t_start > 2:
+        print("\r" + " " * 80 + "\r", end="", file=sys.stderr)
+
+    skipped = {e: r["skipped"] for _, res in results for e, r in res.items() if "skipped" in r}
+    print_table(results, engines, bandwidth)
+    for e, why in sorted(skipped.items()):
+        print(f"  {e}: skipped where marked ({why})")
+    mismatches = [(c.label, e) for c, res in results for e, r in res.items() if r.get("ok") is False]
+    for label, e in mismatches:
+        print(f"MISMATCH: {e} disagrees with mhattn on {label}; its timing is marked", file=sys.stderr)
+    missed = [c.label for c, res in results if (tm := target_met(c, res, bandwidth)) and not tm[0]]
+    print(f"\ntargets: {sum(1 for c, r in results if target_met(c, r, bandwidth))} checked, "
+          f"{len(missed)} missed" + (f" ({'; '.join(missed)})" if missed else ""))
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "bandwidth_gbps": bandwidth, "args": vars(args),
+                       "cases": [{**dataclasses.asdict(c), "label": c.label, "flops": c.flops,
+                                  "engines": res} for c, res in results]}, f, indent=1)
+    if args.plot:
+        plot(results, engines, args.plot)
+    return 1 if mismatches else 0
