@@ -132,26 +132,57 @@ struct Scratch {
   float *qs, *kt, *vp, *s, *o, *m, *l;
 };
 
-// Runs steps 1-5 of the file comment over keys [key_lo, key_hi) for the R rows of a tile.
-void run_blocks(Pass pass, const AttnArgs& a, const Row* rows, int64_t R, const float* kbase,
-                const float* vbase, int64_t key_lo, int64_t key_hi, int64_t bk_max, int64_t evp,
-                const Scratch& t) {
-  const int64_t E = a.E, Ev = a.Ev;
-  for (int64_t j0 = key_lo; j0 < key_hi; j0 += bk_max) {
-    const int64_t bk = std::min(bk_max, key_hi - j0), bkp = round_up(bk, W);
+// The key blocks of one kv head: block i covers keys [i·bk_max, i·bk_max + bk). `packed`, when
+// not null, holds every block already packed (step 1 and the copy of step 5), block i at
+// packed + i·block_floats: kt (E × bkp) then vp (bk × evp). Otherwise each block is packed
+// into the thread's scratch when it is visited.
+struct KeyBlocks {
+  const float *k, *v;  // the head's k (S × E, rows k_ss apart) and v (S × Ev, rows v_ss apart)
+  const float* packed;
+  int64_t bk_max, evp, block_floats;
+};
 
-    // 1. kt = kᵀ of the block, zero-padded to bkp keys.
-    for (int64_t j = 0; j < bk; ++j) {
-      const float* kr = kbase + (j0 + j) * a.k_ss;
-      for (int64_t e = 0; e < E; ++e) t.kt[e * bkp + j] = kr[e];
+int64_t block_floats(int64_t E, int64_t bk_max, int64_t evp) {
+  return E * round_up(bk_max, W) + bk_max * evp;
+}
+
+// kt (E × bkp) = kᵀ of keys [j0, j0 + bk), zero-padded to bkp keys; vp (bk × evp) = their v,
+// zero-padded to evp dims.
+void pack_block(float* kt, float* vp, const AttnArgs& a, const KeyBlocks& kb, int64_t j0, int64_t bk) {
+  const int64_t E = a.E, Ev = a.Ev, bkp = round_up(bk, W), evp = kb.evp;
+  for (int64_t j = 0; j < bk; ++j) {
+    const float* kr = kb.k + (j0 + j) * a.k_ss;
+    for (int64_t e = 0; e < E; ++e) kt[e * bkp + j] = kr[e];
+  }
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t j = bk; j < bkp; ++j) kt[e * bkp + j] = 0.0f;
+  for (int64_t j = 0; j < bk; ++j) {
+    const float* vr = kb.v + (j0 + j) * a.v_ss;
+    std::copy(vr, vr + Ev, vp + j * evp);
+    std::fill(vp + j * evp + Ev, vp + (j + 1) * evp, 0.0f);
+  }
+}
+
+// Runs steps 1-5 of the file comment over the blocks that hold keys [key_lo, key_hi) for the
+// R rows of a tile.
+void run_blocks(Pass pass, const AttnArgs& a, const Row* rows, int64_t R, const KeyBlocks& kb,
+                int64_t key_lo, int64_t key_hi, const Scratch& t) {
+  const int64_t E = a.E, bk_max = kb.bk_max, evp = kb.evp;
+  for (int64_t j0 = key_lo / bk_max * bk_max; j0 < key_hi; j0 += bk_max) {
+    const int64_t bk = std::min(bk_max, a.S - j0), bkp = round_up(bk, W);
+
+    // 1. kt = kᵀ of the block (and vp = its v, for step 5).
+    const float *kt = t.kt, *vp = t.vp;
+    if (kb.packed) {
+      kt = kb.packed + j0 / bk_max * kb.block_floats;
+      vp = kt + E * bkp;
+    } else {
+      pack_block(t.kt, t.vp, a, kb, j0, bk);
     }
-    for (int64_t e = 0; e < E; ++e)
-      for (int64_t j = bk; j < bkp; ++j) t.kt[e * bkp + j] = 0.0f;
 
     // 2. S = qs · kt.
     for (int64_t i0 = 0; i0 < R; i0 += RM)
-      qk(std::min<int64_t>(RM, R - i0), t.s + i0 * bkp, t.qs + i0 * E, t.kt, bkp, E);
-
+      qk(std::min<int64_t>(RM, R - i0), t.s + i0 * bkp, t.qs + i0 * E, kt, bkp, E);
     // 3. bounds and masks, then 4. the softmax update of each row.
     for (int64_t i = 0; i < R; ++i) {
       float* s = t.s + i * bkp;
@@ -191,21 +222,15 @@ void run_blocks(Pass pass, const AttnArgs& a, const Row* rows, int64_t R, const 
     if (pass == Pass::Stats) continue;
 
     // 5. O += P · vp.
-    for (int64_t j = 0; j < bk; ++j) {
-      const float* vr = vbase + (j0 + j) * a.v_ss;
-      float* d = t.vp + j * evp;
-      std::copy(vr, vr + Ev, d);
-      std::fill(d + Ev, d + evp, 0.0f);
-    }
     for (int64_t i0 = 0; i0 < R; i0 += RM)
-      pv(std::min<int64_t>(RM, R - i0), t.o + i0 * evp, t.s + i0 * bkp, bkp, t.vp, evp, bk);
+      pv(std::min<int64_t>(RM, R - i0), t.o + i0 * evp, t.s + i0 * bkp, bkp, vp, evp, bk);
   }
 }
 
 // out (and weights) of one task: batch b, kv head kvh, tile rows [r0, r0 + R) of the G·L rows.
-void attend_tile(const AttnArgs& a, int64_t b, int64_t kvh, int64_t r0, int64_t R, int64_t bk_max,
-                 int64_t evp, const Scratch& t) {
-  const int64_t G = a.Hq / a.Hkv, E = a.E, Ev = a.Ev;
+void attend_tile(const AttnArgs& a, int64_t b, int64_t kvh, int64_t r0, int64_t R,
+                 const KeyBlocks& kb, const Scratch& t) {
+  const int64_t G = a.Hq / a.Hkv, E = a.E, Ev = a.Ev, evp = kb.evp;
   Row rows[BQ];
   int64_t key_lo = a.S, key_hi = 0;
   for (int64_t i = 0; i < R; ++i) {
@@ -235,16 +260,13 @@ void attend_tile(const AttnArgs& a, int64_t b, int64_t kvh, int64_t r0, int64_t 
     t.l[i] = 0.0f;
     std::fill(t.o + i * evp, t.o + (i + 1) * evp, 0.0f);
   }
-  const float* kbase = a.k + b * a.k_sb + kvh * a.k_sh;
-  const float* vbase = a.v + b * a.v_sb + kvh * a.v_sh;
-
   if (a.weights) {
-    run_blocks(Pass::Stats, a, rows, R, kbase, vbase, key_lo, key_hi, bk_max, evp, t);
+    run_blocks(Pass::Stats, a, rows, R, kb, key_lo, key_hi, t);
     for (int64_t i = 0; i < R; ++i) t.l[i] = t.l[i] == 0.0f ? 0.0f : 1.0f / t.l[i];
-    run_blocks(Pass::Final, a, rows, R, kbase, vbase, key_lo, key_hi, bk_max, evp, t);
+    run_blocks(Pass::Final, a, rows, R, kb, key_lo, key_hi, t);
     for (int64_t i = 0; i < R; ++i) std::copy(t.o + i * evp, t.o + i * evp + Ev, rows[i].out);
   } else {
-    run_blocks(Pass::Online, a, rows, R, kbase, vbase, key_lo, key_hi, bk_max, evp, t);
+    run_blocks(Pass::Online, a, rows, R, kb, key_lo, key_hi, t);
     for (int64_t i = 0; i < R; ++i)
       vec_scale(rows[i].out, t.o + i * evp, Ev, t.l[i] == 0.0f ? 0.0f : 1.0f / t.l[i]);
   }
@@ -258,21 +280,50 @@ void attention(const AttnArgs& a) {
   const int64_t evp = round_up(a.Ev, W), bk_max = block_keys(a.E, evp);
   const int64_t tiles = (G * a.L + BQ - 1) / BQ;
   const int64_t tasks = a.B * a.Hkv * tiles;
+  const int64_t nblk = (a.S + bk_max - 1) / bk_max, blk_floats = block_floats(a.E, bk_max, evp);
+  // With several tiles per kv head every tile would pack the same blocks: pack them all once,
+  // in a parallel pass before the tiles run.
+  const bool prepack = tiles > 1 && a.S > 0;
+  float* packed = prepack ? shared_scratch(a.B * a.Hkv * nblk * blk_floats) : nullptr;
   const int nt = num_threads();
   const double flops = 2.0 * a.B * a.Hq * a.L * a.S * (a.E + a.Ev);
-#pragma omp parallel for schedule(dynamic) num_threads(nt) if (nt > 1 && tasks > 1 && flops > 1e5)
-  for (int64_t task = 0; task < tasks; ++task) {
-    const int64_t b = task / (a.Hkv * tiles), kvh = task / tiles % a.Hkv;
-    const int64_t r0 = task % tiles * BQ, R = std::min(BQ, G * a.L - r0);
-    Scratch t;
-    t.qs = thread_scratch(0, BQ * a.E);
-    t.kt = thread_scratch(1, a.E * bk_max);
-    t.vp = thread_scratch(2, bk_max * evp);
-    t.s = thread_scratch(3, BQ * bk_max);
-    t.o = thread_scratch(4, BQ * evp);
-    t.m = thread_scratch(5, BQ);
-    t.l = thread_scratch(6, BQ);
-    attend_tile(a, b, kvh, r0, R, bk_max, evp, t);
+
+  auto head_blocks = [&](int64_t b, int64_t kvh) {
+    KeyBlocks kb;
+    kb.k = a.k + b * a.k_sb + kvh * a.k_sh;
+    kb.v = a.v + b * a.v_sb + kvh * a.v_sh;
+    kb.packed = prepack ? packed + (b * a.Hkv + kvh) * nblk * blk_floats : nullptr;
+    kb.bk_max = bk_max;
+    kb.evp = evp;
+    kb.block_floats = blk_floats;
+    return kb;
+  };
+
+#pragma omp parallel num_threads(nt) if (nt > 1 && tasks > 1 && flops > 1e5)
+  {
+    if (prepack) {
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < a.B * a.Hkv * nblk; ++i) {
+        const KeyBlocks kb = head_blocks(i / nblk / a.Hkv, i / nblk % a.Hkv);
+        const int64_t j0 = i % nblk * bk_max, bk = std::min(bk_max, a.S - j0);
+        float* kt = packed + i * blk_floats;
+        pack_block(kt, kt + a.E * round_up(bk, W), a, kb, j0, bk);
+      }
+    }
+#pragma omp for schedule(dynamic)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t b = task / (a.Hkv * tiles), kvh = task / tiles % a.Hkv;
+      const int64_t r0 = task % tiles * BQ, R = std::min(BQ, G * a.L - r0);
+      Scratch t;
+      t.qs = thread_scratch(0, BQ * a.E);
+      t.kt = thread_scratch(1, a.E * round_up(bk_max, W));
+      t.vp = thread_scratch(2, bk_max * evp);
+      t.s = thread_scratch(3, BQ * round_up(bk_max, W));
+      t.o = thread_scratch(4, BQ * evp);
+      t.m = thread_scratch(5, BQ);
+      t.l = thread_scratch(6, BQ);
+      attend_tile(a, b, kvh, r0, R, head_blocks(b, kvh), t);
+    }
   }
 }
 

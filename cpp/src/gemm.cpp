@@ -67,10 +67,11 @@ void pack_a(float* ap, const float* a, int64_t rs, int64_t cs, int64_t mc, int64
 }
 
 // C[m0 : m0+R, n0 : n0+ncols] (+)= ap (kc × MR sliver) · bp (kc × NR sliver), plus bias when
-// `first` (the first KC step writes, later ones add).
+// `first` (the first KC step writes, later ones add). crow[i] is C's row m0 + i (OutMap::row,
+// worked out once per task), so the store needs no division.
 template <int R>
-void micro_kernel(int64_t kc, const float* ap, const float* bp, const OutMap& c, int64_t m0,
-                  int64_t n0, int64_t ncols, const float* bias, bool first) {
+void micro_kernel(int64_t kc, const float* ap, const float* bp, const OutMap& c,
+                  float* const* crow, int64_t n0, int64_t ncols, const float* bias, bool first) {
   V acc[R][2];
   for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = vzero();
   for (int64_t k = 0; k < kc; ++k) {
@@ -85,8 +86,9 @@ void micro_kernel(int64_t kc, const float* ap, const float* bp, const OutMap& c,
   if (whole) {
     const V bias0 = first && bias ? vload(bias + n0) : vzero();
     const V bias1 = first && bias ? vload(bias + n0 + W) : vzero();
+    const int64_t col = c.col(n0);
     for (int i = 0; i < R; ++i) {
-      float* p = c.at(m0 + i, n0);
+      float* p = crow[i] + col;
       vstore(p, vadd(acc[i][0], first ? bias0 : vload(p)));
       vstore(p + W, vadd(acc[i][1], first ? bias1 : vload(p + W)));
     }
@@ -100,21 +102,21 @@ void micro_kernel(int64_t kc, const float* ap, const float* bp, const OutMap& c,
   }
   for (int i = 0; i < R; ++i)
     for (int64_t j = 0; j < ncols; ++j) {
-      float* p = c.at(m0 + i, n0 + j);
+      float* p = crow[i] + c.col(n0 + j);
       *p = tile[i * NR + j] + (first ? (bias ? bias[n0 + j] : 0.0f) : *p);
     }
 }
 
 void run_micro_kernel(int64_t rows, int64_t kc, const float* ap, const float* bp,
-                      const OutMap& c, int64_t m0, int64_t n0, int64_t ncols, const float* bias,
-                      bool first) {
+                      const OutMap& c, float* const* crow, int64_t n0, int64_t ncols,
+                      const float* bias, bool first) {
   switch (rows) {
-    case 1: return micro_kernel<1>(kc, ap, bp, c, m0, n0, ncols, bias, first);
-    case 2: return micro_kernel<2>(kc, ap, bp, c, m0, n0, ncols, bias, first);
-    case 3: return micro_kernel<3>(kc, ap, bp, c, m0, n0, ncols, bias, first);
-    case 4: return micro_kernel<4>(kc, ap, bp, c, m0, n0, ncols, bias, first);
-    case 5: return micro_kernel<5>(kc, ap, bp, c, m0, n0, ncols, bias, first);
-    default: return micro_kernel<MR>(kc, ap, bp, c, m0, n0, ncols, bias, first);
+    case 1: return micro_kernel<1>(kc, ap, bp, c, crow, n0, ncols, bias, first);
+    case 2: return micro_kernel<2>(kc, ap, bp, c, crow, n0, ncols, bias, first);
+    case 3: return micro_kernel<3>(kc, ap, bp, c, crow, n0, ncols, bias, first);
+    case 4: return micro_kernel<4>(kc, ap, bp, c, crow, n0, ncols, bias, first);
+    case 5: return micro_kernel<5>(kc, ap, bp, c, crow, n0, ncols, bias, first);
+    default: return micro_kernel<MR>(kc, ap, bp, c, crow, n0, ncols, bias, first);
   }
 }
 
@@ -172,15 +174,20 @@ void gemm(const OutMap& c, const float* a, int64_t a_rs, int64_t a_cs, const Pac
     const int64_t m0 = (t / runs) * mc, rows = std::min(mc, M - m0);
     if (rows <= 0) continue;
     const int64_t p0 = (t % runs) * run_len, p1 = std::min(panels, p0 + run_len);
-    float* ap = thread_scratch(0, MC * KC);
-    for (int64_t k0 = 0; k0 < K; k0 += KC) {
-      const int64_t kc = std::min(KC, K - k0);
+    // A single sliver of rows (a decode step) is packed whole and each panel of B streamed
+    // from start to end in one go: B is read once, in order, which is all that bounds it.
+    const int64_t k_step = rows <= MR ? K : KC;
+    float* ap = thread_scratch(0, std::max(MC * KC, MR * K));
+    float* crow[MC];
+    for (int64_t i = 0; i < rows; ++i) crow[i] = c.row(m0 + i);
+    for (int64_t k0 = 0; k0 < K; k0 += k_step) {
+      const int64_t kc = std::min(k_step, K - k0);
       pack_a(ap, a + m0 * a_rs + k0 * a_cs, a_rs, a_cs, rows, kc);
       for (int64_t p = p0; p < p1; ++p) {
         const float* bp = b.data.data() + p * K * NR + k0 * NR;
         const int64_t n0 = p * NR, ncols = std::min<int64_t>(NR, N - n0);
         for (int64_t i0 = 0; i0 < rows; i0 += MR)
-          run_micro_kernel(std::min<int64_t>(MR, rows - i0), kc, ap + i0 * kc, bp, c, m0 + i0,
+          run_micro_kernel(std::min<int64_t>(MR, rows - i0), kc, ap + i0 * kc, bp, c, crow + i0,
                            n0, ncols, bias, k0 == 0);
       }
     }

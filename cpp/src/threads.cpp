@@ -27,9 +27,8 @@ struct Scratch {
 int num_threads() { return g_threads.load(std::memory_order_relaxed); }
 void set_num_threads(int n) { g_threads.store(n < 1 ? 1 : n, std::memory_order_relaxed); }
 
-float* thread_scratch(int slot, int64_t n) {
-  thread_local Scratch slots[kScratchSlots];
-  Scratch& s = slots[slot];
+namespace {
+float* grow(Scratch& s, int64_t n) {
   if (s.size < n) {
     // Round up to whole cache lines, and grow by half again so a slowly growing size does
     // not reallocate on every call.
@@ -40,6 +39,17 @@ float* thread_scratch(int slot, int64_t n) {
     s.size = want;
   }
   return s.buf.get();
+}
+}  // namespace
+
+float* thread_scratch(int slot, int64_t n) {
+  thread_local Scratch slots[kScratchSlots];
+  return grow(slots[slot], n);
+}
+
+float* shared_scratch(int64_t n) {
+  thread_local Scratch shared;
+  return grow(shared, n);
 }
 
 double read_memory(const float* x, int64_t n) {

@@ -26,10 +26,11 @@ struct OutMap {
   float* data;
   int64_t rows_per_group, row_group_stride, row_stride;
   int64_t cols_per_group, col_group_stride;
-  float* at(int64_t m, int64_t n) const {
-    return data + (m / rows_per_group) * row_group_stride + (m % rows_per_group) * row_stride +
-           (n / cols_per_group) * col_group_stride + (n % cols_per_group);
+  float* row(int64_t m) const {
+    return data + (m / rows_per_group) * row_group_stride + (m % rows_per_group) * row_stride;
   }
+  int64_t col(int64_t n) const { return (n / cols_per_group) * col_group_stride + n % cols_per_group; }
+  float* at(int64_t m, int64_t n) const { return row(m) + col(n); }
   static OutMap row_major(float* c, int64_t M, int64_t N, int64_t ldc) {
     return OutMap{c, M > 0 ? M : 1, 0, ldc, N > 0 ? N : 1, 0};
   }
@@ -116,6 +117,9 @@ void set_num_threads(int n);
 // one of a few independent buffers so a kernel can hold several at once.
 float* thread_scratch(int slot, int64_t n);
 constexpr int kScratchSlots = 8;
+// A buffer of the calling thread (not of the OpenMP workers) of at least n floats, to share
+// with its team inside a parallel region; reused across calls like thread_scratch.
+float* shared_scratch(int64_t n);
 // Reads x (n floats) once with num_threads() threads and returns its sum: the benchmark
 // times it to know the memory bandwidth the kernels can have.
 double read_memory(const float* x, int64_t n);
