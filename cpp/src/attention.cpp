@@ -32,6 +32,10 @@ namespace {
 constexpr int64_t BQ = 64;
 // Register tile for both products: RM rows × 2 vectors, 12 accumulators (as in gemm.cpp).
 constexpr int RM = 6;
+// Tiles of up to this many query rows take the direct path (KeyBlocks::direct), in blocks of
+// kDirectBlockKeys keys (a multiple of every W).
+constexpr int64_t kDirectRows = 4;
+constexpr int64_t kDirectBlockKeys = 256;
 // Keys per block: kt and vp (bk × (E + evp) floats) fill about 32 KB, the L1d, so both stay
 // there while the tile's rows use them; at least 2W keys, at most 512.
 int64_t block_keys(int64_t E, int64_t evp) {
@@ -96,22 +100,65 @@ void qk(int64_t R, float* s, const float* qs, const float* kt, int64_t bkp, int6
   }
 }
 
-// o (R × evp) += p (R × bk, rows apart by ldp) · vp (bk × evp), for any R ≤ RM.
-template <int R>
-void pv_rows(float* o, const float* p, int64_t ldp, const float* vp, int64_t evp, int64_t bk) {
-  int64_t c = 0;
-  for (; c + 2 * W <= evp; c += 2 * W) pv_tile<R, 2>(o + c, evp, p, ldp, vp + c, evp, bk);
-  if (c < evp) pv_tile<R, 1>(o + c, evp, p, ldp, vp + c, evp, bk);
+// s (R × bk, rows apart by lds) = qs (R × E) · kᵀ, reading the bk rows of k (k_ss apart) where
+// they lie: no packing. For tiles of a few rows (decode), where each key is used by few
+// queries and packing would cost more than it saves. Four keys at a time, four independent
+// sums per row, reduced across lanes at the end.
+void qk_direct(int64_t R, float* s, int64_t lds, const float* qs, const float* k, int64_t k_ss,
+               int64_t bk, int64_t E) {
+  const int64_t Ev = E / W * W;
+  int64_t j = 0;
+  for (; j + 4 <= bk; j += 4) {
+    const float* k0 = k + j * k_ss;
+    for (int64_t i = 0; i < R; ++i) {
+      const float* q = qs + i * E;
+      V a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
+      for (int64_t e = 0; e < Ev; e += W) {
+        const V x = vload(q + e);
+        a0 = vfma(x, vload(k0 + e), a0);
+        a1 = vfma(x, vload(k0 + k_ss + e), a1);
+        a2 = vfma(x, vload(k0 + 2 * k_ss + e), a2);
+        a3 = vfma(x, vload(k0 + 3 * k_ss + e), a3);
+      }
+      float d[4] = {vhsum(a0), vhsum(a1), vhsum(a2), vhsum(a3)};
+      for (int64_t e = Ev; e < E; ++e)
+        for (int c = 0; c < 4; ++c) d[c] += q[e] * k0[c * k_ss + e];
+      for (int c = 0; c < 4; ++c) s[i * lds + j + c] = d[c];
+    }
+  }
+  for (; j < bk; ++j)
+    for (int64_t i = 0; i < R; ++i) {
+      const float* q = qs + i * E;
+      const float* kr = k + j * k_ss;
+      V a = vzero();
+      for (int64_t e = 0; e < Ev; e += W) a = vfma(vload(q + e), vload(kr + e), a);
+      float d = vhsum(a);
+      for (int64_t e = Ev; e < E; ++e) d += q[e] * kr[e];
+      s[i * lds + j] = d;
+    }
 }
-void pv(int64_t R, float* o, const float* p, int64_t ldp, const float* vp, int64_t evp,
-        int64_t bk) {
+
+// o (R × evp) += p (R × bk, rows apart by ldp) · v (bk × evp, rows apart by ldv), for any
+// R ≤ RM; v is the packed block or, on the direct path, v itself.
+template <int R>
+void pv_rows(float* o, const float* p, int64_t ldp, const float* v, int64_t ldv, int64_t evp,
+             int64_t bk) {
+  int64_t c = 0;
+  // One or two rows leave registers for 4 vectors of v per key: fewer, longer passes over v.
+  if (R <= 2)
+    for (; c + 4 * W <= evp; c += 4 * W) pv_tile<R, 4>(o + c, evp, p, ldp, v + c, ldv, bk);
+  for (; c + 2 * W <= evp; c += 2 * W) pv_tile<R, 2>(o + c, evp, p, ldp, v + c, ldv, bk);
+  if (c < evp) pv_tile<R, 1>(o + c, evp, p, ldp, v + c, ldv, bk);
+}
+void pv(int64_t R, float* o, const float* p, int64_t ldp, const float* v, int64_t ldv,
+        int64_t evp, int64_t bk) {
   switch (R) {
-    case 1: return pv_rows<1>(o, p, ldp, vp, evp, bk);
-    case 2: return pv_rows<2>(o, p, ldp, vp, evp, bk);
-    case 3: return pv_rows<3>(o, p, ldp, vp, evp, bk);
-    case 4: return pv_rows<4>(o, p, ldp, vp, evp, bk);
-    case 5: return pv_rows<5>(o, p, ldp, vp, evp, bk);
-    default: return pv_rows<RM>(o, p, ldp, vp, evp, bk);
+    case 1: return pv_rows<1>(o, p, ldp, v, ldv, evp, bk);
+    case 2: return pv_rows<2>(o, p, ldp, v, ldv, evp, bk);
+    case 3: return pv_rows<3>(o, p, ldp, v, ldv, evp, bk);
+    case 4: return pv_rows<4>(o, p, ldp, v, ldv, evp, bk);
+    case 5: return pv_rows<5>(o, p, ldp, v, ldv, evp, bk);
+    default: return pv_rows<RM>(o, p, ldp, v, ldv, evp, bk);
   }
 }
 
@@ -140,6 +187,7 @@ struct KeyBlocks {
   const float *k, *v;  // the head's k (S × E, rows k_ss apart) and v (S × Ev, rows v_ss apart)
   const float* packed;
   int64_t bk_max, evp, block_floats;
+  bool direct;         // read k (and v, when Ev = evp) in place instead of packing (few rows)
 };
 
 int64_t block_floats(int64_t E, int64_t bk_max, int64_t evp) {
@@ -171,18 +219,29 @@ void run_blocks(Pass pass, const AttnArgs& a, const Row* rows, int64_t R, const 
   for (int64_t j0 = key_lo / bk_max * bk_max; j0 < key_hi; j0 += bk_max) {
     const int64_t bk = std::min(bk_max, a.S - j0), bkp = round_up(bk, W);
 
-    // 1. kt = kᵀ of the block (and vp = its v, for step 5).
+    // 1. kt = kᵀ of the block (and vp = its v, for step 5), then 2. S = qs · kt.
     const float *kt = t.kt, *vp = t.vp;
-    if (kb.packed) {
-      kt = kb.packed + j0 / bk_max * kb.block_floats;
-      vp = kt + E * bkp;
+    if (kb.direct) {
+      qk_direct(R, t.s, bkp, t.qs, kb.k + j0 * a.k_ss, a.k_ss, bk, E);
+      if (evp == a.Ev) {
+        vp = kb.v + j0 * a.v_ss;
+      } else {
+        for (int64_t j = 0; j < bk; ++j) {
+          const float* vr = kb.v + (j0 + j) * a.v_ss;
+          std::copy(vr, vr + a.Ev, t.vp + j * evp);
+          std::fill(t.vp + j * evp + a.Ev, t.vp + (j + 1) * evp, 0.0f);
+        }
+      }
     } else {
-      pack_block(t.kt, t.vp, a, kb, j0, bk);
+      if (kb.packed) {
+        kt = kb.packed + j0 / bk_max * kb.block_floats;
+        vp = kt + E * bkp;
+      } else {
+        pack_block(t.kt, t.vp, a, kb, j0, bk);
+      }
+      for (int64_t i0 = 0; i0 < R; i0 += RM)
+        qk(std::min<int64_t>(RM, R - i0), t.s + i0 * bkp, t.qs + i0 * E, kt, bkp, E);
     }
-
-    // 2. S = qs · kt.
-    for (int64_t i0 = 0; i0 < R; i0 += RM)
-      qk(std::min<int64_t>(RM, R - i0), t.s + i0 * bkp, t.qs + i0 * E, kt, bkp, E);
     // 3. bounds and masks, then 4. the softmax update of each row.
     for (int64_t i = 0; i < R; ++i) {
       float* s = t.s + i * bkp;
@@ -223,7 +282,8 @@ void run_blocks(Pass pass, const AttnArgs& a, const Row* rows, int64_t R, const 
 
     // 5. O += P · vp.
     for (int64_t i0 = 0; i0 < R; i0 += RM)
-      pv(std::min<int64_t>(RM, R - i0), t.o + i0 * evp, t.s + i0 * bkp, bkp, vp, evp, bk);
+      pv(std::min<int64_t>(RM, R - i0), t.o + i0 * evp, t.s + i0 * bkp, bkp, vp,
+         kb.direct && evp == a.Ev ? a.v_ss : evp, evp, bk);
   }
 }
 
@@ -277,13 +337,18 @@ void attend_tile(const AttnArgs& a, int64_t b, int64_t kvh, int64_t r0, int64_t 
 void attention(const AttnArgs& a) {
   if (a.B == 0 || a.Hq == 0 || a.L == 0 || a.Ev == 0) return;
   const int64_t G = a.Hq / a.Hkv;
-  const int64_t evp = round_up(a.Ev, W), bk_max = block_keys(a.E, evp);
   const int64_t tiles = (G * a.L + BQ - 1) / BQ;
+  // A tile of at most kDirectRows rows (decode: L = 1 times the GQA group) reads k and v in
+  // place: each key meets so few queries that packing it would cost more than it saves. Its
+  // blocks need not fit L1 and are longer, so the per-block softmax bookkeeping is rarer.
+  const bool direct = G * a.L <= kDirectRows;
+  const int64_t evp = round_up(a.Ev, W);
+  const int64_t bk_max = direct ? kDirectBlockKeys : block_keys(a.E, evp);
   const int64_t tasks = a.B * a.Hkv * tiles;
   const int64_t nblk = (a.S + bk_max - 1) / bk_max, blk_floats = block_floats(a.E, bk_max, evp);
   // With several tiles per kv head every tile would pack the same blocks: pack them all once,
   // in a parallel pass before the tiles run.
-  const bool prepack = tiles > 1 && a.S > 0;
+  const bool prepack = !direct && tiles > 1 && a.S > 0;
   float* packed = prepack ? shared_scratch(a.B * a.Hkv * nblk * blk_floats) : nullptr;
   const int nt = num_threads();
   const double flops = 2.0 * a.B * a.Hq * a.L * a.S * (a.E + a.Ev);
@@ -296,6 +361,7 @@ void attention(const AttnArgs& a) {
     kb.bk_max = bk_max;
     kb.evp = evp;
     kb.block_floats = blk_floats;
+    kb.direct = direct;
     return kb;
   };
 

@@ -74,6 +74,7 @@ void micro_kernel(int64_t kc, const float* ap, const float* bp, const OutMap& c,
                   float* const* crow, int64_t n0, int64_t ncols, const float* bias, bool first) {
   V acc[R][2];
   for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = vzero();
+#pragma GCC unroll 4
   for (int64_t k = 0; k < kc; ++k) {
     const V b0 = vload(bp + k * NR), b1 = vload(bp + k * NR + W);
     for (int i = 0; i < R; ++i) {
