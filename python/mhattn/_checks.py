@@ -21,6 +21,22 @@ def _shapes(**arrays):
     return ", ".join(f"{name} {tuple(np.shape(a))}" for name, a in arrays.items() if a is not None)
 
 
+class _Shapes:
+    """The shapes of the arguments, written out only if an error message needs them (a call
+    that succeeds, the common case, should not pay for formatting)."""
+
+    __slots__ = ("arrays",)
+
+    def __init__(self, **arrays):
+        self.arrays = arrays
+
+    def __str__(self):
+        return _shapes(**self.arrays)
+
+    def __format__(self, spec):
+        return format(str(self), spec)
+
+
 def as_float(x, name):
     """x as a float32 ndarray; float16/float64 are converted, other dtypes raise TypeError."""
     a = x if isinstance(x, np.ndarray) else np.asarray(x)
@@ -34,6 +50,8 @@ def as_float(x, name):
 
 def last_contiguous(a):
     """a, or a copy of it, whose last axis is contiguous and strides are whole elements."""
+    if a.flags.c_contiguous:
+        return a
     if a.ndim and a.shape[-1] > 1 and a.strides[-1] != 4 or any(s % 4 for s in a.strides):
         return np.ascontiguousarray(a)
     return a
@@ -81,7 +99,7 @@ def check_sdpa(query, key, value, attn_mask, is_causal, scale, enable_gqa, causa
     """Arguments of scaled_dot_product_attention -> what _core.attention takes, plus whether the
     input had no batch axis."""
     q, k, v = as_float(query, "query"), as_float(key, "key"), as_float(value, "value")
-    shapes = _shapes(query=q, key=k, value=v)
+    shapes = _Shapes(query=q, key=k, value=v)
     if q.ndim not in (3, 4) or k.ndim != q.ndim or v.ndim != q.ndim:
         raise ValueError("query, key and value must all be (B, H, len, dim) or all (H, len, dim); "
                          f"got {shapes}")
@@ -111,9 +129,9 @@ def check_sdpa(query, key, value, attn_mask, is_causal, scale, enable_gqa, causa
         if E == 0:
             raise ValueError(f"head dim E is 0, so the default scale 1/sqrt(E) is undefined; "
                              f"pass scale; got {shapes}")
-        scale = 1.0 / np.sqrt(E)
+        scale = 1.0 / math.sqrt(E)
     full = (B, Hq, L, S) if not unbatched else (Hq, L, S)
-    mask = mask_4d(attn_mask, "attn_mask", full, shapes, bool_keep=1)
+    mask = None if attn_mask is None else mask_4d(attn_mask, "attn_mask", full, shapes, bool_keep=1)
     if mask is not None and unbatched:
         mask = (mask[0][None], mask[1])
     diag = S - L if causal_align == "bottom_right" else 0
@@ -136,7 +154,7 @@ def check_mha(mod, query, key, value, key_padding_mask, attn_mask, kv_cache):
         raise ValueError("pass both key and value (cross-attention) or neither (self-attention)")
     k = q if self_attention else as_float(key, "key")
     v = q if self_attention else as_float(value, "value")
-    shapes = _shapes(query=q, key=None if self_attention else k, value=None if self_attention else v)
+    shapes = _Shapes(query=q, key=None if self_attention else k, value=None if self_attention else v)
     if q.ndim not in (2, 3) or k.ndim != q.ndim or v.ndim != q.ndim:
         raise ValueError(f"query, key and value must all be batched (3 dims) or all unbatched "
                          f"(2 dims); got {shapes}")

@@ -60,7 +60,7 @@ def linear(x, weight, bias=None):
     a = _checks.as_float(x, "x")
     w = _checks.as_float(weight, "weight")
     b = None if bias is None else np.ascontiguousarray(_checks.as_float(bias, "bias"))
-    shapes = _checks._shapes(x=a, weight=w, bias=b)
+    shapes = _checks._Shapes(x=a, weight=w, bias=b)
     if w.ndim != 2 or a.ndim < 1 or a.shape[-1] != w.shape[1]:
         raise ValueError(f"linear wants x (..., K) and weight (N, K); got {shapes}")
     if b is not None and b.shape != (w.shape[0],):
@@ -75,7 +75,7 @@ def matmul(a, b):
     """a @ b with NumPy's rules: (..., M, K) @ (..., K, N) -> (..., M, N), batch axes broadcast,
     a 1-D operand promoted to a matrix and its axis dropped from the result."""
     x, y = _checks.as_float(a, "a"), _checks.as_float(b, "b")
-    shapes = _checks._shapes(a=x, b=y)
+    shapes = _checks._Shapes(a=x, b=y)
     if x.ndim == 0 or y.ndim == 0:
         raise ValueError(f"matmul does not take scalars; got {shapes}")
     x2 = x[None, :] if x.ndim == 1 else x

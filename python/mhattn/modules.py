@@ -233,7 +233,7 @@ class MultiHeadAttention:
             kvbuf = np.empty((B, 2 * Hkv, c.S_new, E), dtype=np.float32)
             kv_pos, causal, diag = 0, bool(is_causal), 0
         S = kv_pos + c.S_new
-        shapes = _checks._shapes(query=query, key=key, value=value)
+        shapes = _checks._Shapes(query=query, key=key, value=value)
         masks = _checks.mha_masks(c, Hq, S, shapes)
         if self._packed_for != _core.target():
             self._pack()
