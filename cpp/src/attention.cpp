@@ -7,13 +7,15 @@
 // Tasks are (b, kv head, tile of up to BQ rows). The rows of a tile are the (l, g) pairs of the
 // G = Hq / Hkv query heads that share the kv head, l-major: with grouped-query attention every
 // key block is loaded once for all the heads that read it. Per tile and block of bk keys:
-//   1. kt (E × bkp) = kᵀ of the block, keys padded with zeros to bkp, a multiple of W
+//   1. kt = kᵀ of the block in panels of 2W keys (E × 2W each, as gemm.cpp packs B), keys
+//      padded with zeros to bkp, a multiple of 2W
 //   2. S (R × bkp) = qs · kt, where qs (R × E) holds the tile's query rows times scale
 //   3. S = -inf outside each row's causal/window bounds and where a bool mask says no,
 //      S += float masks, S = -inf in the padding
 //   4. per row: m' = max(m, max_j S), P = exp(S - m'), l = l · exp(m - m') + Σ P,
 //      O = O · exp(m - m'), m = m'
-//   5. O (R × evp) += P · vp, where vp (bk × evp) is the block of v, Ev padded to evp
+//   5. O (R × evp) += P · vp, where vp is the block of v in panels of 2W dims (bk × 2W each,
+//      the last W wide when evp is an odd number of vectors), Ev padded to evp
 // and at the end out = O / l, a row with l = 0 (no visible key) giving zeros rather than NaN.
 // With weights asked for, a first pass (steps 1-4 without O) finds every row's m and l, and a
 // second writes P = exp(S - m) / l to the weights and accumulates O = P · v.
@@ -32,6 +34,9 @@ namespace {
 constexpr int64_t BQ = 64;
 // Register tile for both products: RM rows × 2 vectors, 12 accumulators (as in gemm.cpp).
 constexpr int RM = 6;
+// Packed kᵀ and v come in panels this wide (keys for kt, dims for vp), one register tile's
+// worth, so a tile reads its panel from one contiguous stretch of memory.
+constexpr int64_t KP = 2 * W;
 // Tiles of up to this many query rows take the direct path (KeyBlocks::direct), in blocks of
 // kDirectBlockKeys keys (a multiple of every W).
 constexpr int64_t kDirectRows = 4;
@@ -39,7 +44,7 @@ constexpr int64_t kDirectBlockKeys = 256;
 // Keys per block: kt and vp (bk × (E + evp) floats) fill about 32 KB, the L1d, so both stay
 // there while the tile's rows use them; at least 2W keys, at most 512.
 int64_t block_keys(int64_t E, int64_t evp) {
-  const int64_t bk = 8192 / std::max<int64_t>(1, E + evp) / W * W;
+  const int64_t bk = 16384 / std::max<int64_t>(1, E + evp) / W * W;
   return std::clamp<int64_t>(bk, 2 * W, 512);
 }
 
@@ -82,12 +87,11 @@ void pv_tile(float* o, int64_t ldo, const float* p, int64_t ldp, const float* vp
     for (int c = 0; c < NV; ++c) vstore(o + i * ldo + c * W, acc[i][c]);
 }
 
-// s (R × bkp) = qs (R × E) · kt (E × bkp), for any R ≤ RM; bkp is a multiple of W.
+// s (R × bkp) = qs (R × E) · kt, kt in panels of KP keys (panel j / KP at kt + j·E, E × KP),
+// for any R ≤ RM; bkp is a multiple of KP.
 template <int R>
 void qk_rows(float* s, const float* qs, const float* kt, int64_t bkp, int64_t E) {
-  int64_t j = 0;
-  for (; j + 2 * W <= bkp; j += 2 * W) qk_tile<R, 2>(s + j, bkp, qs, kt + j, bkp, E);
-  if (j < bkp) qk_tile<R, 1>(s + j, bkp, qs, kt + j, bkp, E);
+  for (int64_t j = 0; j < bkp; j += KP) qk_tile<R, 2>(s + j, bkp, qs, kt + j * E, KP, E);
 }
 void qk(int64_t R, float* s, const float* qs, const float* kt, int64_t bkp, int64_t E) {
   switch (R) {
@@ -138,12 +142,18 @@ void qk_direct(int64_t R, float* s, int64_t lds, const float* qs, const float* k
     }
 }
 
-// o (R × evp) += p (R × bk, rows apart by ldp) · v (bk × evp, rows apart by ldv), for any
-// R ≤ RM; v is the packed block or, on the direct path, v itself.
+// o (R × evp) += p (R × bk, rows apart by ldp) · v (bk × evp), for any R ≤ RM. v is either
+// the packed block (ldv = 0: panels of KP dims, panel c / KP at v + c·bk, the last W wide when
+// evp is an odd number of vectors) or, on the direct path, v itself (rows ldv apart).
 template <int R>
 void pv_rows(float* o, const float* p, int64_t ldp, const float* v, int64_t ldv, int64_t evp,
              int64_t bk) {
   int64_t c = 0;
+  if (ldv == 0) {
+    for (; c + KP <= evp; c += KP) pv_tile<R, 2>(o + c, evp, p, ldp, v + c * bk, KP, bk);
+    if (c < evp) pv_tile<R, 1>(o + c, evp, p, ldp, v + c * bk, W, bk);
+    return;
+  }
   // One or two rows leave registers for 4 vectors of v per key: fewer, longer passes over v.
   if (R <= 2)
     for (; c + 4 * W <= evp; c += 4 * W) pv_tile<R, 4>(o + c, evp, p, ldp, v + c, ldv, bk);
@@ -181,7 +191,7 @@ struct Scratch {
 
 // The key blocks of one kv head: block i covers keys [i·bk_max, i·bk_max + bk). `packed`, when
 // not null, holds every block already packed (step 1 and the copy of step 5), block i at
-// packed + i·block_floats: kt (E × bkp) then vp (bk × evp). Otherwise each block is packed
+// packed + i·block_floats: kt (E · bkp floats) then vp (bk · evp). Otherwise each block is packed
 // into the thread's scratch when it is visited.
 struct KeyBlocks {
   const float *k, *v;  // the head's k (S × E, rows k_ss apart) and v (S × Ev, rows v_ss apart)
@@ -191,23 +201,34 @@ struct KeyBlocks {
 };
 
 int64_t block_floats(int64_t E, int64_t bk_max, int64_t evp) {
-  return E * round_up(bk_max, W) + bk_max * evp;
+  return E * round_up(bk_max, KP) + bk_max * evp;
 }
 
-// kt (E × bkp) = kᵀ of keys [j0, j0 + bk), zero-padded to bkp keys; vp (bk × evp) = their v,
-// zero-padded to evp dims.
-void pack_block(float* kt, float* vp, const AttnArgs& a, const KeyBlocks& kb, int64_t j0, int64_t bk) {
-  const int64_t E = a.E, Ev = a.Ev, bkp = round_up(bk, W), evp = kb.evp;
-  for (int64_t j = 0; j < bk; ++j) {
-    const float* kr = kb.k + (j0 + j) * a.k_ss;
-    for (int64_t e = 0; e < E; ++e) kt[e * bkp + j] = kr[e];
+// kt = kᵀ of keys [j0, j0 + bk) in panels of KP keys, zero-padded to bkp keys (qk_rows).
+void pack_keys(float* kt, const AttnArgs& a, const KeyBlocks& kb, int64_t j0, int64_t bk) {
+  const int64_t E = a.E, bkp = round_up(bk, KP);
+  for (int64_t j = 0; j < bkp; ++j) {
+    float* dst = kt + j / KP * E * KP + j % KP;
+    if (j < bk) {
+      const float* kr = kb.k + (j0 + j) * a.k_ss;
+      for (int64_t e = 0; e < E; ++e) dst[e * KP] = kr[e];
+    } else {
+      for (int64_t e = 0; e < E; ++e) dst[e * KP] = 0.0f;
+    }
   }
-  for (int64_t e = 0; e < E; ++e)
-    for (int64_t j = bk; j < bkp; ++j) kt[e * bkp + j] = 0.0f;
-  for (int64_t j = 0; j < bk; ++j) {
-    const float* vr = kb.v + (j0 + j) * a.v_ss;
-    std::copy(vr, vr + Ev, vp + j * evp);
-    std::fill(vp + j * evp + Ev, vp + (j + 1) * evp, 0.0f);
+}
+
+// vp = v of keys [j0, j0 + bk) in panels of KP dims, zero-padded to evp dims (pv_rows).
+void pack_values(float* vp, const AttnArgs& a, const KeyBlocks& kb, int64_t j0, int64_t bk) {
+  const int64_t Ev = a.Ev, evp = kb.evp;
+  for (int64_t c = 0; c < evp; c += KP) {
+    const int64_t width = std::min(KP, evp - c), real = std::clamp<int64_t>(Ev - c, 0, width);
+    float* dst = vp + c * bk;
+    for (int64_t j = 0; j < bk; ++j) {
+      const float* vr = kb.v + (j0 + j) * a.v_ss + c;
+      std::copy(vr, vr + real, dst + j * width);
+      std::fill(dst + j * width + real, dst + (j + 1) * width, 0.0f);
+    }
   }
 }
 
@@ -217,27 +238,26 @@ void run_blocks(Pass pass, const AttnArgs& a, const Row* rows, int64_t R, const 
                 int64_t key_lo, int64_t key_hi, const Scratch& t) {
   const int64_t E = a.E, bk_max = kb.bk_max, evp = kb.evp;
   for (int64_t j0 = key_lo / bk_max * bk_max; j0 < key_hi; j0 += bk_max) {
-    const int64_t bk = std::min(bk_max, a.S - j0), bkp = round_up(bk, W);
+    const int64_t bk = std::min(bk_max, a.S - j0), bkp = round_up(bk, KP);
 
     // 1. kt = kᵀ of the block (and vp = its v, for step 5), then 2. S = qs · kt.
     const float *kt = t.kt, *vp = t.vp;
+    int64_t ldv = 0;  // packed panels (pv_rows)
     if (kb.direct) {
       qk_direct(R, t.s, bkp, t.qs, kb.k + j0 * a.k_ss, a.k_ss, bk, E);
       if (evp == a.Ev) {
         vp = kb.v + j0 * a.v_ss;
+        ldv = a.v_ss;
       } else {
-        for (int64_t j = 0; j < bk; ++j) {
-          const float* vr = kb.v + (j0 + j) * a.v_ss;
-          std::copy(vr, vr + a.Ev, t.vp + j * evp);
-          std::fill(t.vp + j * evp + a.Ev, t.vp + (j + 1) * evp, 0.0f);
-        }
+        pack_values(t.vp, a, kb, j0, bk);
       }
     } else {
       if (kb.packed) {
         kt = kb.packed + j0 / bk_max * kb.block_floats;
         vp = kt + E * bkp;
       } else {
-        pack_block(t.kt, t.vp, a, kb, j0, bk);
+        pack_keys(t.kt, a, kb, j0, bk);
+        pack_values(t.vp, a, kb, j0, bk);
       }
       for (int64_t i0 = 0; i0 < R; i0 += RM)
         qk(std::min<int64_t>(RM, R - i0), t.s + i0 * bkp, t.qs + i0 * E, kt, bkp, E);
@@ -282,8 +302,7 @@ void run_blocks(Pass pass, const AttnArgs& a, const Row* rows, int64_t R, const 
 
     // 5. O += P · vp.
     for (int64_t i0 = 0; i0 < R; i0 += RM)
-      pv(std::min<int64_t>(RM, R - i0), t.o + i0 * evp, t.s + i0 * bkp, bkp, vp,
-         kb.direct && evp == a.Ev ? a.v_ss : evp, evp, bk);
+      pv(std::min<int64_t>(RM, R - i0), t.o + i0 * evp, t.s + i0 * bkp, bkp, vp, ldv, evp, bk);
   }
 }
 
@@ -373,7 +392,8 @@ void attention(const AttnArgs& a) {
         const KeyBlocks kb = head_blocks(i / nblk / a.Hkv, i / nblk % a.Hkv);
         const int64_t j0 = i % nblk * bk_max, bk = std::min(bk_max, a.S - j0);
         float* kt = packed + i * blk_floats;
-        pack_block(kt, kt + a.E * round_up(bk, W), a, kb, j0, bk);
+        pack_keys(kt, a, kb, j0, bk);
+        pack_values(kt + a.E * round_up(bk, KP), a, kb, j0, bk);
       }
     }
 #pragma omp for schedule(dynamic)
@@ -382,9 +402,9 @@ void attention(const AttnArgs& a) {
       const int64_t r0 = task % tiles * BQ, R = std::min(BQ, G * a.L - r0);
       Scratch t;
       t.qs = thread_scratch(0, BQ * a.E);
-      t.kt = thread_scratch(1, a.E * round_up(bk_max, W));
+      t.kt = thread_scratch(1, a.E * round_up(bk_max, KP));
       t.vp = thread_scratch(2, bk_max * evp);
-      t.s = thread_scratch(3, BQ * round_up(bk_max, W));
+      t.s = thread_scratch(3, BQ * round_up(bk_max, KP));
       t.o = thread_scratch(4, BQ * evp);
       t.m = thread_scratch(5, BQ);
       t.l = thread_scratch(6, BQ);
