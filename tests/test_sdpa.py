@@ -160,3 +160,12 @@ def test_decode_tiles_of_few_rows(isa, threads, rng, Hq, Hkv, L, E):
           is_causal=True, causal_align="bottom_right")
     ks = np.swapaxes(np.swapaxes(k, 1, 2).copy(), 1, 2)  # keys of all heads interleaved in memory
     check(q, ks, v, enable_gqa=True)
+
+
+@pytest.mark.parametrize("Hq,Hkv,L,S", [(1, 1, 1100, 1030), (8, 1, 131, 300), (4, 2, 520, 77)])
+def test_many_tiles_per_head_pack_keys_once(isa, threads, rng, Hq, Hkv, L, S):
+    """With at least 16 tiles of query rows per kv head, the key blocks are packed once per call."""
+    q, k, v = qkv(rng, 1, Hq, Hkv, L, S, 24, 40)
+    check(q, k, v, enable_gqa=True)
+    check(q, k, v, enable_gqa=True, is_causal=True, causal_align="bottom_right")
+    check(q, k, v, enable_gqa=True, attn_mask=rng.random((L, S)) < 0.6, window=200)
