@@ -208,16 +208,24 @@ int64_t block_floats(int64_t E, int64_t bk_max, int64_t evp) {
 }
 
 // kt = kᵀ of keys [j0, j0 + bk) in panels of KP keys, zero-padded to bkp keys (qk_rows).
+// W keys × W dims at a time through registers (vtranspose); scalar at the edges.
 void pack_keys(float* kt, const AttnArgs& a, const KeyBlocks& kb, int64_t j0, int64_t bk) {
-  const int64_t E = a.E, bkp = round_up(bk, KP);
-  for (int64_t j = 0; j < bkp; ++j) {
-    float* dst = kt + j / KP * E * KP + j % KP;
-    if (j < bk) {
-      const float* kr = kb.k + (j0 + j) * a.k_ss;
-      for (int64_t e = 0; e < E; ++e) dst[e * KP] = kr[e];
-    } else {
-      for (int64_t e = 0; e < E; ++e) dst[e * KP] = 0.0f;
+  const int64_t E = a.E, bkp = round_up(bk, KP), ks = a.k_ss;
+  for (int64_t j = 0; j < bkp; j += W) {
+    float* dst = kt + j / KP * E * KP + j % KP;  // dim e of keys j .. j + W at dst + e·KP
+    const float* src = kb.k + (j0 + j) * ks;
+    const int64_t keys = std::clamp<int64_t>(bk - j, 0, W);
+    int64_t e = 0;
+    if (keys == W) {
+      for (; e + W <= E; e += W) {
+        V r[W];
+        for (int i = 0; i < W; ++i) r[i] = vload(src + i * ks + e);
+        vtranspose(r);
+        for (int i = 0; i < W; ++i) vstore(dst + (e + i) * KP, r[i]);
+      }
     }
+    for (; e < E; ++e)
+      for (int64_t i = 0; i < W; ++i) dst[e * KP + i] = i < keys ? src[i * ks + e] : 0.0f;
   }
 }
 

@@ -6,7 +6,8 @@
 // by the linker for the portable build.
 //
 // A target provides: V (a vector of W floats), vload/vstore (unaligned), vset1, vzero, vadd,
-// vsub, vmul, vfma (a*b + c), vmax, vmin, vclamp (keeps NaN), vhsum, vhmax, and vexp.
+// vsub, vmul, vfma (a*b + c), vmax, vmin, vclamp (keeps NaN), vhsum, vhmax, vtranspose (a
+// W × W block held in W vectors), and vexp.
 // Not here: anything that depends on a kernel's shapes; that lives in the kernel's own file.
 #pragma once
 
@@ -59,6 +60,24 @@ inline V vpow2i(V n) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(e, 23));
 }
 inline V vround(V x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+// r[i][j] becomes r[j][i]: interleave pairs of rows, then pairs of pairs, then swap halves.
+inline void vtranspose(V r[8]) {
+  V t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);      // r0[0] r1[0] r0[1] r1[1] | [4], [5]
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);  // r0[2] r1[2] r0[3] r1[3] | [6], [7]
+  }
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i + 0] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 4; ++i) {  // u[i] holds column i (low half) and i + 4 (high) of rows 0-3
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
 // Lanes where x < lo (false for NaN) become 0.
 inline V vzero_below(V x, V lo, V r) { return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), r); }
 
@@ -98,6 +117,17 @@ inline V vround(V x) {
   return (x + magic) - magic;
 }
 inline V vzero_below(V x, V lo, V r) { return x < lo ? V{} : r; }
+// r[i][j] becomes r[j][i].
+inline void vtranspose(V r[4]) {
+  const V t0 = __builtin_shufflevector(r[0], r[1], 0, 4, 1, 5);  // r0[0] r1[0] r0[1] r1[1]
+  const V t1 = __builtin_shufflevector(r[0], r[1], 2, 6, 3, 7);  // r0[2] r1[2] r0[3] r1[3]
+  const V t2 = __builtin_shufflevector(r[2], r[3], 0, 4, 1, 5);
+  const V t3 = __builtin_shufflevector(r[2], r[3], 2, 6, 3, 7);
+  r[0] = __builtin_shufflevector(t0, t2, 0, 1, 4, 5);
+  r[1] = __builtin_shufflevector(t0, t2, 2, 3, 6, 7);
+  r[2] = __builtin_shufflevector(t1, t3, 0, 1, 4, 5);
+  r[3] = __builtin_shufflevector(t1, t3, 2, 3, 6, 7);
+}
 
 #endif
 
