@@ -31,6 +31,18 @@ bool cpu_has_avx2_fma() {
 }
 #endif
 
+#if defined(MHATTN_HAVE_AVX512)
+bool cpu_has_avx512f() {
+  if (!cpu_has_avx2_fma()) return false;
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(b & (1u << 16))) return false;  // AVX512F
+  // XCR0 bits 5-7: the OS saves the opmask registers and all 512 bits of zmm0-31.
+  unsigned lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  return (lo & 0xE6u) == 0xE6u;
+}
+#endif
+
 struct Target {
   const char* name;
   const Kernels* (*table)();
@@ -41,6 +53,9 @@ const Target kTargets[] = {
     {"generic", generic::kernels, [] { return true; }},
 #if defined(MHATTN_HAVE_AVX2)
     {"avx2", avx2::kernels, cpu_has_avx2_fma},
+#endif
+#if defined(MHATTN_HAVE_AVX512)
+    {"avx512", avx512::kernels, cpu_has_avx512f},
 #endif
 };
 

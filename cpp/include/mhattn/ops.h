@@ -101,6 +101,9 @@ namespace generic { const Kernels* kernels(); }
 #ifdef MHATTN_HAVE_AVX2
 namespace avx2 { const Kernels* kernels(); }
 #endif
+#ifdef MHATTN_HAVE_AVX512
+namespace avx512 { const Kernels* kernels(); }
+#endif
 
 // dispatch.cpp
 const Kernels& kernels();                       // the active target

@@ -18,7 +18,10 @@
 #error "simd.h is for kernel sources compiled with MHATTN_TARGET set (see CMakeLists.txt)"
 #endif
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define MHATTN_SIMD_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define MHATTN_SIMD_AVX2 1
 #endif
@@ -26,7 +29,57 @@
 namespace mhattn {
 namespace MHATTN_TARGET {
 
-#if defined(MHATTN_SIMD_AVX2)
+#if defined(MHATTN_SIMD_AVX512)
+
+using V = __m512;
+constexpr int W = 16;
+inline V vload(const float* p) { return _mm512_loadu_ps(p); }
+inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
+inline V vset1(float x) { return _mm512_set1_ps(x); }
+inline V vzero() { return _mm512_setzero_ps(); }
+inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
+inline V vsub(V a, V b) { return _mm512_sub_ps(a, b); }
+inline V vmul(V a, V b) { return _mm512_mul_ps(a, b); }
+inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+inline V vmax(V a, V b) { return _mm512_max_ps(a, b); }
+inline V vmin(V a, V b) { return _mm512_min_ps(a, b); }
+// As with AVX2, max/min return their second operand when either is NaN: x goes second.
+inline V vclamp(V x, V lo, V hi) { return _mm512_min_ps(hi, _mm512_max_ps(lo, x)); }
+inline float vhsum(V v) { return _mm512_reduce_add_ps(v); }
+inline float vhmax(V v) { return _mm512_reduce_max_ps(v); }
+inline V vpow2i(V n) {
+  __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
+}
+inline V vround(V x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+inline V vzero_below(V x, V lo, V r) {
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~_mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ)), r);
+}
+// r[i][j] becomes r[j][i], 16 × 16: transpose the 4 × 4 blocks inside each 128-bit lane
+// (unpack, shuffle), then move the lanes into place (two rounds of shuffle_f32x4).
+inline void vtranspose(V r[16]) {
+  V t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // u[4i + q], lane L: column 4L + q of rows 4i .. 4i + 3
+    u[4 * i + 0] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int q = 0; q < 4; ++q) {
+    const V x0 = _mm512_shuffle_f32x4(u[q], u[4 + q], 0x88), x1 = _mm512_shuffle_f32x4(u[q], u[4 + q], 0xDD);
+    const V y0 = _mm512_shuffle_f32x4(u[8 + q], u[12 + q], 0x88), y1 = _mm512_shuffle_f32x4(u[8 + q], u[12 + q], 0xDD);
+    r[q] = _mm512_shuffle_f32x4(x0, y0, 0x88);
+    r[4 + q] = _mm512_shuffle_f32x4(x1, y1, 0x88);
+    r[8 + q] = _mm512_shuffle_f32x4(x0, y0, 0xDD);
+    r[12 + q] = _mm512_shuffle_f32x4(x1, y1, 0xDD);
+  }
+}
+
+#elif defined(MHATTN_SIMD_AVX2)
 
 using V = __m256;
 constexpr int W = 8;
