@@ -40,7 +40,7 @@ constexpr int64_t KP = 2 * W;
 // Tiles of up to this many query rows take the direct path (KeyBlocks::direct), in blocks of
 // kDirectBlockKeys keys (a multiple of every W).
 constexpr int64_t kDirectRows = 4;
-constexpr int64_t kDirectBlockKeys = 256;
+constexpr int64_t kDirectBlockKeys = 1024;
 // Heads with at least this many tiles have their key blocks packed once per call (attention()).
 constexpr int64_t kPrepackTiles = 16;
 // Keys per block: kt and vp (bk × (E + evp) floats) fill about 128 KB of the 1 MB L2 while the
@@ -110,28 +110,29 @@ void qk(int64_t R, float* s, const float* qs, const float* kt, int64_t bkp, int6
 
 // s (R × bk, rows apart by lds) = qs (R × E) · kᵀ, reading the bk rows of k (k_ss apart) where
 // they lie: no packing. For tiles of a few rows (decode), where each key is used by few
-// queries and packing would cost more than it saves. Four keys at a time, four independent
-// sums per row, reduced across lanes at the end.
+// queries and packing would cost more than it saves. W keys at a time: W independent sums per
+// row, then one register transpose turns them into a vector of W dot products.
 void qk_direct(int64_t R, float* s, int64_t lds, const float* qs, const float* k, int64_t k_ss,
                int64_t bk, int64_t E) {
-  const int64_t Ev = E / W * W;
+  const int64_t Ew = E / W * W;
   int64_t j = 0;
-  for (; j + 4 <= bk; j += 4) {
-    const float* k0 = k + j * k_ss;
+  for (; j + W <= bk; j += W) {
+    const float* kj = k + j * k_ss;
     for (int64_t i = 0; i < R; ++i) {
       const float* q = qs + i * E;
-      V a0 = vzero(), a1 = vzero(), a2 = vzero(), a3 = vzero();
-      for (int64_t e = 0; e < Ev; e += W) {
+      V acc[W];
+      for (int c = 0; c < W; ++c) acc[c] = vzero();
+      for (int64_t e = 0; e < Ew; e += W) {
         const V x = vload(q + e);
-        a0 = vfma(x, vload(k0 + e), a0);
-        a1 = vfma(x, vload(k0 + k_ss + e), a1);
-        a2 = vfma(x, vload(k0 + 2 * k_ss + e), a2);
-        a3 = vfma(x, vload(k0 + 3 * k_ss + e), a3);
+        for (int c = 0; c < W; ++c) acc[c] = vfma(x, vload(kj + c * k_ss + e), acc[c]);
       }
-      float d[4] = {vhsum(a0), vhsum(a1), vhsum(a2), vhsum(a3)};
-      for (int64_t e = Ev; e < E; ++e)
-        for (int c = 0; c < 4; ++c) d[c] += q[e] * k0[c * k_ss + e];
-      for (int c = 0; c < 4; ++c) s[i * lds + j + c] = d[c];
+      vtranspose(acc);  // acc[e][c]: lane c of every vector is key c's partial sums
+      V dot = acc[0];
+      for (int c = 1; c < W; ++c) dot = vadd(dot, acc[c]);
+      float* out = s + i * lds + j;
+      vstore(out, dot);
+      for (int64_t e = Ew; e < E; ++e)
+        for (int c = 0; c < W; ++c) out[c] += q[e] * kj[c * k_ss + e];
     }
   }
   for (; j < bk; ++j)
@@ -139,9 +140,9 @@ void qk_direct(int64_t R, float* s, int64_t lds, const float* qs, const float* k
       const float* q = qs + i * E;
       const float* kr = k + j * k_ss;
       V a = vzero();
-      for (int64_t e = 0; e < Ev; e += W) a = vfma(vload(q + e), vload(kr + e), a);
+      for (int64_t e = 0; e < Ew; e += W) a = vfma(vload(q + e), vload(kr + e), a);
       float d = vhsum(a);
-      for (int64_t e = Ev; e < E; ++e) d += q[e] * kr[e];
+      for (int64_t e = Ew; e < E; ++e) d += q[e] * kr[e];
       s[i * lds + j] = d;
     }
 }
@@ -158,7 +159,10 @@ void pv_rows(float* o, const float* p, int64_t ldp, const float* v, int64_t ldv,
     if (c < evp) pv_tile<R, 1>(o + c, evp, p, ldp, v + c * bk, W, bk);
     return;
   }
-  // One or two rows leave registers for 4 vectors of v per key: fewer, longer passes over v.
+  // One or two rows leave registers for 8 or 4 vectors of v per key: fewer, longer passes
+  // over v (one pass over a 128-dim head with AVX-512 and one row).
+  if (R == 1)
+    for (; c + 8 * W <= evp; c += 8 * W) pv_tile<R, 8>(o + c, evp, p, ldp, v + c, ldv, bk);
   if (R <= 2)
     for (; c + 4 * W <= evp; c += 4 * W) pv_tile<R, 4>(o + c, evp, p, ldp, v + c, ldv, bk);
   for (; c + 2 * W <= evp; c += 2 * W) pv_tile<R, 2>(o + c, evp, p, ldp, v + c, ldv, bk);
