@@ -20,6 +20,9 @@
 // With weights asked for, a first pass (steps 1-4 without O) finds every row's m and l, and a
 // second writes P = exp(S - m) / l to the weights and accumulates O = P · v.
 // Blocks outside every row's causal/window bounds are never visited.
+// Two variants of step 1: tiles of at most kDirectRows rows (decode) pack nothing and read k
+// and v where they lie (qk_direct; decode is bound by reading them once), and heads with many
+// tiles have all their blocks packed once per call, before the tiles run.
 #include <algorithm>
 
 #include "mhattn/ops.h"

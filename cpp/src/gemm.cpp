@@ -19,16 +19,18 @@ namespace mhattn {
 namespace MHATTN_TARGET {
 namespace {
 
-// Register tile MR × NR with NR = 2 vectors. AVX2 has 16 ymm registers: 6 × 2 accumulators,
-// two B vectors and one broadcast A value make 15. The portable path's 4-wide vectors
-// (SSE2 / NEON, 16+ registers) use the same 6 × 2 shape.
-constexpr int MR = 6;
-constexpr int NR = 2 * W;
+// Register tile MR × NR, NR = NV vectors. AVX2 (16 ymm registers): 6 × 2 accumulators, two B
+// vectors and one broadcast A value make 15; AVX-512 uses the same shape with 16-wide vectors.
+// The portable path's 4-wide vectors (SSE2, no FMA) take 3 × 4: also 12 accumulators, but only
+// 3 broadcasts of A per step, which SSE2 pays for with shuffles on the ports the adds need.
+constexpr int NV = W == 4 ? 4 : 2;
+constexpr int MR = W == 4 ? 3 : 6;
+constexpr int NR = NV * W;
 // KC: a KC × NR sliver of B (256 × 16 floats = 16 KB with AVX2) stays in the 32 KB L1d while
 // the slivers of A stream past it. MC: the packed A block (144 × 256 floats = 144 KB) stays in
 // the 1 MB L2 while every panel of the task's run passes.
 constexpr int64_t KC = 256;
-constexpr int64_t MC = 24 * MR;
+constexpr int64_t MC = 144;  // a multiple of every target's MR
 // Below this many flops a product runs on one thread through gemm_simple: starting the OpenMP
 // team and packing cost more than the work.
 constexpr double kTinyFlops = 2.0 * 16 * 16 * 16;
@@ -72,35 +74,34 @@ void pack_a(float* ap, const float* a, int64_t rs, int64_t cs, int64_t mc, int64
 template <int R>
 void micro_kernel(int64_t kc, const float* ap, const float* bp, const OutMap& c,
                   float* const* crow, int64_t n0, int64_t ncols, const float* bias, bool first) {
-  V acc[R][2];
-  for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = vzero();
+  V acc[R][NV];
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = vzero();
 #pragma GCC unroll 4
   for (int64_t k = 0; k < kc; ++k) {
-    const V b0 = vload(bp + k * NR), b1 = vload(bp + k * NR + W);
+    V b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = vload(bp + k * NR + v * W);
     for (int i = 0; i < R; ++i) {
       const V x = vset1(ap[k * MR + i]);
-      acc[i][0] = vfma(x, b0, acc[i][0]);
-      acc[i][1] = vfma(x, b1, acc[i][1]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = vfma(x, b[v], acc[i][v]);
     }
   }
   const bool whole = ncols == NR && n0 % c.cols_per_group + NR <= c.cols_per_group;
   if (whole) {
-    const V bias0 = first && bias ? vload(bias + n0) : vzero();
-    const V bias1 = first && bias ? vload(bias + n0 + W) : vzero();
+    V bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = first && bias ? vload(bias + n0 + v * W) : vzero();
     const int64_t col = c.col(n0);
     for (int i = 0; i < R; ++i) {
       float* p = crow[i] + col;
-      vstore(p, vadd(acc[i][0], first ? bias0 : vload(p)));
-      vstore(p + W, vadd(acc[i][1], first ? bias1 : vload(p + W)));
+      for (int v = 0; v < NV; ++v)
+        vstore(p + v * W, vadd(acc[i][v], first ? bv[v] : vload(p + v * W)));
     }
     return;
   }
   // Edge of N, or a tile that straddles a column group (a head of fewer than NR dims).
   float tile[R * NR];
-  for (int i = 0; i < R; ++i) {
-    vstore(tile + i * NR, acc[i][0]);
-    vstore(tile + i * NR + W, acc[i][1]);
-  }
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < NV; ++v) vstore(tile + i * NR + v * W, acc[i][v]);
   for (int i = 0; i < R; ++i)
     for (int64_t j = 0; j < ncols; ++j) {
       float* p = crow[i] + c.col(n0 + j);
@@ -108,17 +109,14 @@ void micro_kernel(int64_t kc, const float* ap, const float* bp, const OutMap& c,
     }
 }
 
+// micro_kernel<rows> for a sliver of 1 ≤ rows ≤ R rows.
+template <int R = MR>
 void run_micro_kernel(int64_t rows, int64_t kc, const float* ap, const float* bp,
                       const OutMap& c, float* const* crow, int64_t n0, int64_t ncols,
                       const float* bias, bool first) {
-  switch (rows) {
-    case 1: return micro_kernel<1>(kc, ap, bp, c, crow, n0, ncols, bias, first);
-    case 2: return micro_kernel<2>(kc, ap, bp, c, crow, n0, ncols, bias, first);
-    case 3: return micro_kernel<3>(kc, ap, bp, c, crow, n0, ncols, bias, first);
-    case 4: return micro_kernel<4>(kc, ap, bp, c, crow, n0, ncols, bias, first);
-    case 5: return micro_kernel<5>(kc, ap, bp, c, crow, n0, ncols, bias, first);
-    default: return micro_kernel<MR>(kc, ap, bp, c, crow, n0, ncols, bias, first);
-  }
+  if constexpr (R > 1)
+    if (rows < R) return run_micro_kernel<R - 1>(rows, kc, ap, bp, c, crow, n0, ncols, bias, first);
+  micro_kernel<R>(kc, ap, bp, c, crow, n0, ncols, bias, first);
 }
 
 }  // namespace

@@ -110,9 +110,9 @@ def preset(name, args):
         return [Case("MultiHeadAttention layer", "layer", b, h, h, l, l, d // h, target="1.1x torch")
                 for b, l, d, h in ((1, 128, 768, 12), (8, 128, 768, 12), (1, 512, 768, 12), (1, 512, 1024, 16))]
     if name == "gemm":
-        shapes = [(1024, 1024, 1024), (2048, 2048, 2048)]
-        shapes += [(m, n, 768) for m in (128, 512, 4096) for n in (2304, 768)] + [(1, 4096, 4096)]
-        return [Case("sgemm x @ W.T", "gemm", M=m, N=n, K=k, target="0.95x numpy") for m, n, k in shapes]
+        square = [Case("sgemm x @ W.T", "gemm", M=n, N=n, K=n, target="0.95x numpy") for n in (1024, 2048)]
+        layer = [(m, n, 768) for m in (128, 512, 4096) for n in (2304, 768)] + [(1, 4096, 4096)]
+        return square + [Case("sgemm x @ W.T", "gemm", M=m, N=n, K=k, target="1.0x numpy") for m, n, k in layer]
     if name == "tiny":
         return [Case("tiny call", "tiny", 1, 1, 1, 1, 16, 64, target="10us")]
     raise ValueError(f"unknown preset {name!r}")
@@ -250,6 +250,33 @@ def run_onnxruntime(case, inp):
     def run():
         return sess.run(None, feeds)[0].reshape(B, L, H, E).transpose(0, 2, 1, 3)
     return run
+
+
+def run_mhattn_on(target):
+    """mhattn with its kernels for one SIMD target (--targets): the target is set before every
+    call, and a layer gets a copy of its own, packed for that target."""
+    def make(case, inp):
+        if target not in _core.targets():
+            raise Skip(f"this CPU cannot run the {target} kernels")
+        before = _core.target()
+        _core.set_target(target)
+        try:
+            if case.kind == "layer":
+                mod = mhattn.MultiHeadAttention(inp["mod"].embed_dim, inp["mod"].num_heads)
+                mod.load_state_dict(inp["mod"].state_dict())
+                inp = {**inp, "mod": mod}
+            fn = run_mhattn(case, inp)
+        finally:
+            _core.set_target(before)
+
+        def call():
+            _core.set_target(target)
+            try:
+                return fn()
+            finally:
+                _core.set_target(before)
+        return call
+    return make
 
 
 ENGINES = {"mhattn": run_mhattn, "torch": run_torch, "onnxruntime": run_onnxruntime, "numpy": run_numpy}
@@ -441,6 +468,8 @@ def parse_args(argv):
     p.add_argument("presets", nargs="*", default=["heads"],
                    help=f"what to run: {', '.join(PRESETS)}, or all (default: heads)")
     p.add_argument("--engines", default="mhattn,torch,onnxruntime,numpy")
+    p.add_argument("--targets", default="", help="also time mhattn on these SIMD targets, as engines "
+                   "mhattn:<target> (e.g. generic,avx2), to compare the kernels' paths in one run")
     p.add_argument("--heads", type=int, nargs="+", help="head counts of the sweeps")
     p.add_argument("--width", type=int, default=768, help="model width of the heads sweep")
     p.add_argument("--length", type=int, default=512, help="sequence length L = S of the sweeps")
@@ -473,6 +502,9 @@ def main(argv=None):
     engines = [e.strip() for e in args.engines.split(",")]
     if engines[0] != "mhattn" or any(e not in ENGINES for e in engines):
         raise SystemExit(f"--engines must start with mhattn and name only {', '.join(ENGINES)}")
+    for t in filter(None, (t.strip() for t in args.targets.split(","))):
+        ENGINES[f"mhattn:{t}"] = run_mhattn_on(t)
+        engines.insert(1, f"mhattn:{t}")
 
     rng = np.random.default_rng(0)
     info = machine_info()
