@@ -4,7 +4,7 @@
 // a time against blocks of keys with the online softmax (a running max m and sum l per row),
 // so the L × S scores are never stored unless the weights are asked for.
 //
-// Tasks are (b, kv head, tile of up to BQ rows). The rows of a tile are the (l, g) pairs of the
+// Tasks are (b, kv head, tile of bq rows, tile_rows()). The rows of a tile are the (l, g) pairs of the
 // G = Hq / Hkv query heads that share the kv head, l-major: with grouped-query attention every
 // key block is loaded once for all the heads that read it. Per tile and block of bk keys:
 //   1. kt = kᵀ of the block in panels of 2W keys (E × 2W each, as gemm.cpp packs B), keys
@@ -32,9 +32,11 @@ namespace mhattn {
 namespace MHATTN_TARGET {
 namespace {
 
-// Query rows per tile: qs, S and O of a tile (BQ × (E + bk + evp) floats, 96 KB at E = 64)
-// stay in the 1 MB L2 while the key blocks pass.
-constexpr int64_t BQ = 64;
+// Query rows per tile, chosen per call by tile_rows(): 256, 128 or 64. Taller tiles spread the
+// packing of each key block over more rows (measured 7-9% faster at E = 12-24 with 256 than 64).
+constexpr int64_t BQ_MIN = 64, BQ_MAX = 256;
+// qs, S and O of a tile (bq × (E + bk + evp) floats) should stay within this much of the 1 MB L2.
+constexpr int64_t kTileBytes = 640 * 1024;
 // Register tile for both products: RM rows × 2 vectors, 12 accumulators (as in gemm.cpp).
 constexpr int RM = 6;
 // Packed kᵀ and v come in panels this wide (keys for kt, dims for vp), one register tile's
@@ -44,7 +46,7 @@ constexpr int64_t KP = 2 * W;
 // kDirectBlockKeys keys (a multiple of every W).
 constexpr int64_t kDirectRows = 4;
 constexpr int64_t kDirectBlockKeys = 1024;
-// Heads with at least this many tiles have their key blocks packed once per call (attention()).
+// Heads with at least this many tiles of BQ_MIN rows have their key blocks packed once per call.
 constexpr int64_t kPrepackTiles = 16;
 // Keys per block: kt and vp (bk × (E + evp) floats) fill about 128 KB of the 1 MB L2 while the
 // tile's rows use them (each register tile's panels are contiguous, so L2 streams them well);
@@ -56,6 +58,16 @@ int64_t block_keys(int64_t E, int64_t evp) {
 }
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Rows per tile: the tallest of BQ_MAX, ..., BQ_MIN (halving) whose tile fits kTileBytes and
+// that still leaves four tasks per thread for the dynamic schedule to balance.
+int64_t tile_rows(int64_t heads, int64_t rows_per_head, int64_t E, int64_t bk, int64_t evp, int nt) {
+  int64_t bq = BQ_MAX;
+  while (bq > BQ_MIN && (bq * (E + bk + evp) * 4 > kTileBytes ||
+                         heads * ((rows_per_head + bq - 1) / bq) < 4 * nt))
+    bq /= 2;
+  return bq;
+}
 
 // s (R × NV·W, rows apart by lds) = qs (R × E) · kt (E × NV·W, rows apart by ldk).
 template <int R, int NV>
@@ -194,8 +206,8 @@ struct Row {
 
 enum class Pass { Online, Stats, Final };
 
-// Per-thread scratch of a tile, one slot each (threads.cpp): qs (BQ × E), kt (E × bk_max),
-// vp (bk_max × evp), S (BQ × bk_max), O (BQ × evp), m and l (BQ).
+// Per-thread scratch of a tile, one slot each (threads.cpp): qs (bq × E), kt (E × bk_max),
+// vp (bk_max × evp), S (bq × bk_max), O (bq × evp), m and l (bq).
 struct Scratch {
   float *qs, *kt, *vp, *s, *o, *m, *l;
 };
@@ -329,7 +341,7 @@ void run_blocks(Pass pass, const AttnArgs& a, const Row* rows, int64_t R, const 
 void attend_tile(const AttnArgs& a, int64_t b, int64_t kvh, int64_t r0, int64_t R,
                  const KeyBlocks& kb, const Scratch& t) {
   const int64_t G = a.Hq / a.Hkv, E = a.E, Ev = a.Ev, evp = kb.evp;
-  Row rows[BQ];
+  Row rows[BQ_MAX];
   int64_t key_lo = a.S, key_hi = 0;
   for (int64_t i = 0; i < R; ++i) {
     const int64_t l = (r0 + i) / G, h = kvh * G + (r0 + i) % G;
@@ -375,22 +387,24 @@ void attend_tile(const AttnArgs& a, int64_t b, int64_t kvh, int64_t r0, int64_t 
 void attention(const AttnArgs& a) {
   if (a.B == 0 || a.Hq == 0 || a.L == 0 || a.Ev == 0) return;
   const int64_t G = a.Hq / a.Hkv;
-  const int64_t tiles = (G * a.L + BQ - 1) / BQ;
+  const int nt = num_threads();
   // A tile of at most kDirectRows rows (decode: L = 1 times the GQA group) reads k and v in
   // place: each key meets so few queries that packing it would cost more than it saves. Its
   // blocks need not fit L1 and are longer, so the per-block softmax bookkeeping is rarer.
   const bool direct = G * a.L <= kDirectRows;
   const int64_t evp = round_up(a.Ev, W);
   const int64_t bk_max = direct ? kDirectBlockKeys : block_keys(a.E, evp);
+  const int64_t bq = tile_rows(a.B * a.Hkv, G * a.L, a.E, round_up(bk_max, KP), evp, nt);
+  const int64_t tiles = (G * a.L + bq - 1) / bq;
   const int64_t tasks = a.B * a.Hkv * tiles;
   const int64_t nblk = (a.S + bk_max - 1) / bk_max, blk_floats = block_floats(a.E, bk_max, evp);
   // With many tiles per kv head, every tile would pack the same blocks: pack them all once, in
   // a parallel pass before the tiles run. With few, packing in the tile is cheaper: the block
   // is then hot in the packing core's own L1 and L2, where the pass leaves a buffer the other
-  // core reads through L3 (measured: 2 tiles a head, pass 10-40% slower; 8, even; 16, 7-20% faster).
-  const bool prepack = !direct && tiles >= kPrepackTiles && a.S > 0;
+  // core reads through L3 (measured with 64-row tiles: 2 tiles a head, pass 10-40% slower; 8,
+  // even; 16, 7-20% faster).
+  const bool prepack = !direct && (G * a.L + BQ_MIN - 1) / BQ_MIN >= kPrepackTiles && a.S > 0;
   float* packed = prepack ? shared_scratch(a.B * a.Hkv * nblk * blk_floats) : nullptr;
-  const int nt = num_threads();
   const double flops = 2.0 * a.B * a.Hq * a.L * a.S * (a.E + a.Ev);
 
   auto head_blocks = [&](int64_t b, int64_t kvh) {
@@ -420,15 +434,15 @@ void attention(const AttnArgs& a) {
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < tasks; ++task) {
       const int64_t b = task / (a.Hkv * tiles), kvh = task / tiles % a.Hkv;
-      const int64_t r0 = task % tiles * BQ, R = std::min(BQ, G * a.L - r0);
+      const int64_t r0 = task % tiles * bq, R = std::min(bq, G * a.L - r0);
       Scratch t;
-      t.qs = thread_scratch(0, BQ * a.E);
+      t.qs = thread_scratch(0, bq * a.E);
       t.kt = thread_scratch(1, a.E * round_up(bk_max, KP));
       t.vp = thread_scratch(2, bk_max * evp);
-      t.s = thread_scratch(3, BQ * round_up(bk_max, KP));
-      t.o = thread_scratch(4, BQ * evp);
-      t.m = thread_scratch(5, BQ);
-      t.l = thread_scratch(6, BQ);
+      t.s = thread_scratch(3, bq * round_up(bk_max, KP));
+      t.o = thread_scratch(4, bq * evp);
+      t.m = thread_scratch(5, bq);
+      t.l = thread_scratch(6, bq);
       attend_tile(a, b, kvh, r0, R, head_blocks(b, kvh), t);
     }
   }
