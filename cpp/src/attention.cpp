@@ -35,7 +35,8 @@ namespace {
 // Query rows per tile, chosen per call by tile_rows(): 256, 128 or 64. Taller tiles spread the
 // packing of each key block over more rows (measured 7-9% faster at E = 12-24 with 256 than 64).
 constexpr int64_t BQ_MIN = 64, BQ_MAX = 256;
-// qs, S and O of a tile (bq × (E + bk + evp) floats) should stay within this much of the 1 MB L2.
+// qs and O of a tile and a block's kt and vp ((bq + bk) × (E + evp) floats) should stay within
+// this much of the 1 MB L2.
 constexpr int64_t kTileBytes = 640 * 1024;
 // Register tile for both products: RM rows × 2 vectors, 12 accumulators (as in gemm.cpp).
 constexpr int RM = 6;
@@ -63,7 +64,7 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // that still leaves four tasks per thread for the dynamic schedule to balance.
 int64_t tile_rows(int64_t heads, int64_t rows_per_head, int64_t E, int64_t bk, int64_t evp, int nt) {
   int64_t bq = BQ_MAX;
-  while (bq > BQ_MIN && (bq * (E + bk + evp) * 4 > kTileBytes ||
+  while (bq > BQ_MIN && ((bq + bk) * (E + evp) * 4 > kTileBytes ||
                          heads * ((rows_per_head + bq - 1) / bq) < 4 * nt))
     bq /= 2;
   return bq;
@@ -207,7 +208,7 @@ struct Row {
 enum class Pass { Online, Stats, Final };
 
 // Per-thread scratch of a tile, one slot each (threads.cpp): qs (bq × E), kt (E × bk_max),
-// vp (bk_max × evp), S (bq × bk_max), O (bq × evp), m and l (bq).
+// vp (bk_max × evp), S (RM × bk_max: one register tile's rows), O (bq × evp), m and l (bq).
 struct Scratch {
   float *qs, *kt, *vp, *s, *o, *m, *l;
 };
@@ -263,77 +264,84 @@ void pack_values(float* vp, const AttnArgs& a, const KeyBlocks& kb, int64_t j0, 
   }
 }
 
+// Steps 3 and 4 for one row r of the tile, its scores s (bkp of them, for keys j0 ..) in hand;
+// m, l and o (evp) are the row's running max, sum and output.
+void softmax_row(Pass pass, const AttnArgs& a, const Row& r, float* s, int64_t j0, int64_t bk,
+                 int64_t bkp, float& m, float& l, float* o, int64_t evp) {
+  // 3. bounds and masks.
+  for (int64_t j = bk; j < bkp; ++j) s[j] = -INFINITY;
+  if (r.lo > j0 || r.hi < j0 + bk)
+    for (int64_t j = 0; j < bk; ++j)
+      if (j0 + j < r.lo || j0 + j >= r.hi) s[j] = -INFINITY;
+  for (int mi = 0; mi < 2; ++mi) {
+    const MaskArg& mk = a.masks[mi];
+    if (mk.kind == 1) {
+      const uint8_t* mr = static_cast<const uint8_t*>(r.mask[mi]) + j0 * mk.ss;
+      for (int64_t j = 0; j < bk; ++j)
+        if (mr[j * mk.ss] != mk.keep) s[j] = -INFINITY;
+    } else if (mk.kind == 2) {
+      const float* mr = static_cast<const float*>(r.mask[mi]) + j0 * mk.ss;
+      for (int64_t j = 0; j < bk; ++j) s[j] += mr[j * mk.ss];
+    }
+  }
+  // 4. the softmax update.
+  if (pass == Pass::Final) {
+    // m and l are final: P = exp(S - m) / l, which is also the row of weights.
+    vec_exp_sum(s, s, bkp, m == -INFINITY ? 0.0f : m);
+    vec_scale(s, s, bkp, l);  // l holds 1/l in this pass
+    if (r.weights) std::copy(s, s + bk, r.weights + j0);
+    return;
+  }
+  const float mx = vec_max(s, bkp);
+  const float m_new = mx > m ? mx : m;
+  const float shift = m_new == -INFINITY ? 0.0f : m_new;  // all masked so far: P = 0
+  const float alpha = expf(m - shift);
+  l = l * alpha + vec_exp_sum(s, s, bkp, shift);
+  m = m_new;
+  if (pass == Pass::Online && alpha != 1.0f) vec_scale(o, o, evp, alpha);
+}
+
 // Runs steps 1-5 of the file comment over the blocks that hold keys [key_lo, key_hi) for the
-// R rows of a tile.
+// R rows of a tile. After packing a block, steps 2-5 go a register tile of RM rows at a time,
+// so those rows' scores (RM × bkp, in t.s) stay in L1 from Q·Kᵀ through P·V.
 void run_blocks(Pass pass, const AttnArgs& a, const Row* rows, int64_t R, const KeyBlocks& kb,
                 int64_t key_lo, int64_t key_hi, const Scratch& t) {
   const int64_t E = a.E, bk_max = kb.bk_max, evp = kb.evp;
   for (int64_t j0 = key_lo / bk_max * bk_max; j0 < key_hi; j0 += bk_max) {
     const int64_t bk = std::min(bk_max, a.S - j0), bkp = round_up(bk, KP);
 
-    // 1. kt = kᵀ of the block (and vp = its v, for step 5), then 2. S = qs · kt.
+    // 1. kt = kᵀ of the block and vp = its v (or, on the direct path, k and v as they lie).
     const float *kt = t.kt, *vp = t.vp;
     int64_t ldv = 0;  // packed panels (pv_rows)
     if (kb.direct) {
-      qk_direct(R, t.s, bkp, t.qs, kb.k + j0 * a.k_ss, a.k_ss, bk, E);
       if (evp == a.Ev) {
         vp = kb.v + j0 * a.v_ss;
         ldv = a.v_ss;
       } else {
         pack_values(t.vp, a, kb, j0, bk);
       }
+    } else if (kb.packed) {
+      kt = kb.packed + j0 / bk_max * kb.block_floats;
+      vp = kt + E * bkp;
     } else {
-      if (kb.packed) {
-        kt = kb.packed + j0 / bk_max * kb.block_floats;
-        vp = kt + E * bkp;
-      } else {
-        pack_keys(t.kt, a, kb, j0, bk);
-        pack_values(t.vp, a, kb, j0, bk);
-      }
-      for (int64_t i0 = 0; i0 < R; i0 += RM)
-        qk(std::min<int64_t>(RM, R - i0), t.s + i0 * bkp, t.qs + i0 * E, kt, bkp, E);
+      pack_keys(t.kt, a, kb, j0, bk);
+      pack_values(t.vp, a, kb, j0, bk);
     }
-    // 3. bounds and masks, then 4. the softmax update of each row.
-    for (int64_t i = 0; i < R; ++i) {
-      float* s = t.s + i * bkp;
-      const Row& r = rows[i];
-      for (int64_t j = bk; j < bkp; ++j) s[j] = -INFINITY;
-      if (r.lo > j0 || r.hi < j0 + bk)
-        for (int64_t j = 0; j < bk; ++j)
-          if (j0 + j < r.lo || j0 + j >= r.hi) s[j] = -INFINITY;
-      for (int mi = 0; mi < 2; ++mi) {
-        const MaskArg& mk = a.masks[mi];
-        if (mk.kind == 1) {
-          const uint8_t* mr = static_cast<const uint8_t*>(r.mask[mi]) + j0 * mk.ss;
-          for (int64_t j = 0; j < bk; ++j)
-            if (mr[j * mk.ss] != mk.keep) s[j] = -INFINITY;
-        } else if (mk.kind == 2) {
-          const float* mr = static_cast<const float*>(r.mask[mi]) + j0 * mk.ss;
-          for (int64_t j = 0; j < bk; ++j) s[j] += mr[j * mk.ss];
-        }
-      }
 
-      if (pass == Pass::Final) {
-        // m and l are final: P = exp(S - m) / l, which is also the row of weights.
-        const float shift = t.m[i] == -INFINITY ? 0.0f : t.m[i];
-        vec_exp_sum(s, s, bkp, shift);
-        vec_scale(s, s, bkp, t.l[i]);  // t.l holds 1/l in this pass
-        if (r.weights) std::copy(s, s + bk, r.weights + j0);
-        continue;
-      }
-      const float mx = vec_max(s, bkp);
-      const float m_new = mx > t.m[i] ? mx : t.m[i];
-      const float shift = m_new == -INFINITY ? 0.0f : m_new;  // all masked so far: P = 0
-      const float alpha = expf(t.m[i] - shift);
-      t.l[i] = t.l[i] * alpha + vec_exp_sum(s, s, bkp, shift);
-      t.m[i] = m_new;
-      if (pass == Pass::Online && alpha != 1.0f) vec_scale(t.o + i * evp, t.o + i * evp, evp, alpha);
+    for (int64_t i0 = 0; i0 < R; i0 += RM) {
+      const int64_t rr = std::min<int64_t>(RM, R - i0);
+      // 2. S = qs · kt for these rows.
+      if (kb.direct)
+        qk_direct(rr, t.s, bkp, t.qs + i0 * E, kb.k + j0 * a.k_ss, a.k_ss, bk, E);
+      else
+        qk(rr, t.s, t.qs + i0 * E, kt, bkp, E);
+      // 3, 4.
+      for (int64_t i = 0; i < rr; ++i)
+        softmax_row(pass, a, rows[i0 + i], t.s + i * bkp, j0, bk, bkp, t.m[i0 + i], t.l[i0 + i],
+                    t.o + (i0 + i) * evp, evp);
+      // 5. O += P · vp.
+      if (pass != Pass::Stats) pv(rr, t.o + i0 * evp, t.s, bkp, vp, ldv, evp, bk);
     }
-    if (pass == Pass::Stats) continue;
-
-    // 5. O += P · vp.
-    for (int64_t i0 = 0; i0 < R; i0 += RM)
-      pv(std::min<int64_t>(RM, R - i0), t.o + i0 * evp, t.s + i0 * bkp, bkp, vp, ldv, evp, bk);
   }
 }
 
@@ -439,7 +447,7 @@ void attention(const AttnArgs& a) {
       t.qs = thread_scratch(0, bq * a.E);
       t.kt = thread_scratch(1, a.E * round_up(bk_max, KP));
       t.vp = thread_scratch(2, bk_max * evp);
-      t.s = thread_scratch(3, bq * round_up(bk_max, KP));
+      t.s = thread_scratch(3, RM * round_up(bk_max, KP));
       t.o = thread_scratch(4, bq * evp);
       t.m = thread_scratch(5, bq);
       t.l = thread_scratch(6, bq);
