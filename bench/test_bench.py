@@ -13,7 +13,8 @@ import pytest
 from mhattn import bench, reference
 
 ARGS = argparse.Namespace(heads=None, batch=1, length=512, width=768)
-CASES = [c for name in ("heads", "fixed-dim", "design", "causal", "gqa", "decode", "layer", "gemm")
+CASES = [c for name in ("heads", "fixed-dim", "design", "causal", "gqa", "decode", "layer",
+                         "layer-heads", "cache", "gemm")
          for c in bench.preset(name, ARGS)]
 
 
@@ -24,6 +25,10 @@ def expected(case, inp):
         mod = inp["mod"]
         return reference.multi_head_attention(inp["x"], inp["x"], inp["x"], mod.state_dict(),
                                               mod.num_heads)[0]
+    if case.kind == "cache":  # the last token of causal self-attention over the whole sequence
+        mod = inp["mod"]
+        return reference.multi_head_attention(inp["x"], inp["x"], inp["x"], mod.state_dict(),
+                                              mod.num_heads, mod.num_kv_heads, is_causal=True)[0][:, -1:]
     return reference.scaled_dot_product_attention(inp["q"], inp["k"], inp["v"], is_causal=case.causal,
                                                   enable_gqa=case.Hq != case.Hkv)
 

@@ -181,3 +181,17 @@ def test_kv_cache_with_need_weights_and_padding(isa, rng):
                                         need_weights=True, is_causal=True)
     assert_close(out, rout[:, 5:], "mha")
     assert_close(w, rw[:, 5:], "mha")
+
+
+def test_kv_cache_truncate_steps_back(rng):
+    mod = randomize(mhattn.MultiHeadAttention(16, 2), rng)
+    x = rng.standard_normal((1, 7, 16), dtype=np.float32)
+    cache = mhattn.KVCache(1, 2, 8, 8)
+    mod(x[:, :5], kv_cache=cache)
+    first = mod(x[:, 5:6], kv_cache=cache)[0]
+    cache.truncate(5)                       # forget token 5, then feed it again
+    np.testing.assert_array_equal(mod(x[:, 5:6], kv_cache=cache)[0], first)
+    with pytest.raises(ValueError, match="holds only 6"):
+        cache.truncate(7)
+    cache.reset()
+    assert len(cache) == 0

@@ -33,8 +33,9 @@ from mhattn import _core
 @dataclasses.dataclass
 class Case:
     """One shape of one op. kind: sdpa (attention alone), decode (sdpa with a short query and a
-    long key/value, bandwidth-bound), layer (MultiHeadAttention with projections), gemm
-    (x (M, K) @ W (N, K).T), tiny (the cost of a call)."""
+    long key/value, bandwidth-bound), layer (MultiHeadAttention with projections), cache (one
+    decode step of the layer with a KV cache holding S - 1 tokens), gemm (x (M, K) @ W (N, K).T),
+    tiny (the cost of a call)."""
 
     group: str
     kind: str
@@ -57,6 +58,8 @@ class Case:
         gqa = f"/{self.Hkv}" if self.Hkv != self.Hq else ""
         if self.kind == "layer":
             return f"B{self.B} L{self.L} D{self.Hq * self.E} H{self.Hq}"
+        if self.kind == "cache":
+            return f"B{self.B} D{self.Hq * self.E} H{self.Hq}{gqa} cache {self.S - 1} + 1"
         return f"B{self.B} H{self.Hq}{gqa} L{self.L} S{self.S} E{self.E}" + (" causal" if self.causal else "")
 
     @property
@@ -68,15 +71,19 @@ class Case:
         if self.causal:  # top-left: query l sees l + 1 keys
             pairs = sum(min(l + 1, self.S) for l in range(self.L))
         att = 4.0 * self.B * self.Hq * pairs * self.E
-        if self.kind == "layer":
-            D = self.Hq * self.E
-            return att + 2.0 * self.B * self.L * D * D * 4
+        if self.kind in ("layer", "cache"):
+            D, KV = self.Hq * self.E, self.Hkv * self.E
+            return att + 2.0 * self.B * self.L * D * (2 * D + 2 * KV)
         return att
 
     @property
     def bytes(self):
-        """Bytes a decode step must read: the keys and values."""
-        return 2.0 * 4 * self.B * self.Hkv * self.S * self.E
+        """Bytes a decode step must read: the keys and values (and a layer's weights)."""
+        kv = 2.0 * 4 * self.B * self.Hkv * self.S * self.E
+        if self.kind == "cache":
+            D, KV = self.Hq * self.E, self.Hkv * self.E
+            kv += 4.0 * D * (2 * D + 2 * KV)
+        return kv
 
 
 def heads_sweep(width=768, L=512, B=1, heads=(1, 2, 4, 8, 12, 16, 32, 64), target="1.15x best"):
@@ -109,6 +116,14 @@ def preset(name, args):
     if name == "layer":
         return [Case("MultiHeadAttention layer", "layer", b, h, h, l, l, d // h, target="1.1x torch")
                 for b, l, d, h in ((1, 128, 768, 12), (8, 128, 768, 12), (1, 512, 768, 12), (1, 512, 1024, 16))]
+    if name == "layer-heads":
+        return [Case(f"MultiHeadAttention layer, width {width}", "layer", B, h, h, L, L, width // h)
+                for h in heads if width % h == 0]
+    if name == "layer-fixed-dim":
+        return [Case("MultiHeadAttention layer, head dim 64", "layer", B, h, h, L, L, 64) for h in heads]
+    if name == "cache":
+        return [Case("decode step of the layer with a KVCache", "cache", 1, 32, 8, 1, 4096, 128),
+                Case("decode step of the layer with a KVCache", "cache", 4, 12, 12, 1, 1024, 64)]
     if name == "gemm":
         square = [Case("sgemm x @ W.T", "gemm", M=n, N=n, K=n, target="0.95x numpy") for n in (1024, 2048)]
         layer = [(m, n, 768) for m in (128, 512, 4096) for n in (2304, 768)] + [(1, 4096, 4096)]
@@ -118,7 +133,8 @@ def preset(name, args):
     raise ValueError(f"unknown preset {name!r}")
 
 
-PRESETS = ["heads", "fixed-dim", "design", "causal", "gqa", "decode", "layer", "gemm", "tiny"]
+PRESETS = ["heads", "fixed-dim", "design", "causal", "gqa", "decode", "layer", "layer-heads",
+           "layer-fixed-dim", "cache", "gemm", "tiny"]
 
 
 # ------------------------------------------------------------------------------------------
@@ -138,6 +154,10 @@ def make_inputs(case, rng):
         D = case.Hq * case.E
         mod = mhattn.MultiHeadAttention(D, case.Hq, seed=0)
         return dict(mod=mod, x=rng.standard_normal((case.B, case.L, D), dtype=np.float32))
+    if case.kind == "cache":
+        D = case.Hq * case.E
+        mod = mhattn.MultiHeadAttention(D, case.Hq, num_kv_heads=case.Hkv, seed=0)
+        return dict(mod=mod, x=rng.standard_normal((case.B, case.S, D), dtype=np.float32))
     q = rng.standard_normal((case.B, case.Hq, case.L, case.E), dtype=np.float32)
     k = rng.standard_normal((case.B, case.Hkv, case.S, case.E), dtype=np.float32)
     v = rng.standard_normal((case.B, case.Hkv, case.S, case.E), dtype=np.float32)
@@ -151,9 +171,47 @@ def run_mhattn(case, inp):
         return lambda: (_core.gemm(out, inp["x"], packed, None), out)[1]
     if case.kind == "layer":
         return lambda: inp["mod"](inp["x"])[0]
+    if case.kind == "cache":
+        mod, x = inp["mod"], inp["x"]
+        cache = mhattn.KVCache(case.B, case.Hkv, case.S, case.E)
+        mod(x[:, :-1], kv_cache=cache)  # the S - 1 tokens before
+
+        def step():
+            cache.truncate(case.S - 1)
+            return mod(x[:, -1:], kv_cache=cache)[0]
+        return step
     q, k, v = inp["q"], inp["k"], inp["v"]
     gqa = case.Hq != case.Hkv
     return lambda: mhattn.scaled_dot_product_attention(q, k, v, is_causal=case.causal, enable_gqa=gqa)
+
+
+def split_weights(mod):
+    """(wq, wk, wv, wo, bq, bk, bv, bo) of a MultiHeadAttention with in_proj_weight."""
+    sd = mod.state_dict()
+    D, KV = mod.embed_dim, mod.num_kv_heads * mod.head_dim
+    wq, wk, wv = np.split(sd["in_proj_weight"], [D, D + KV])
+    bq, bk, bv = np.split(sd["in_proj_bias"], [D, D + KV])
+    return wq, wk, wv, sd["out_proj.weight"], bq, bk, bv, sd["out_proj.bias"]
+
+
+def cache_step(case, inp, linear, sdpa, empty, heads):
+    """A decode step written with an engine's own ops: project the new token, write its key and
+    value into a preallocated cache, attend over the cache, project out. `heads` turns
+    (B, 1, n·E) into (B, n, 1, E)."""
+    wq, wk, wv, wo, bq, bk, bv, bo = inp["w"]
+    B, S, E, D = case.B, case.S, case.E, case.Hq * case.E
+    kc, vc = empty((B, case.Hkv, S, E)), empty((B, case.Hkv, S, E))
+    x = inp["x"]
+    kc[:, :, :S - 1] = heads(linear(x[:, :-1], wk, bk), case.Hkv, S - 1)
+    vc[:, :, :S - 1] = heads(linear(x[:, :-1], wv, bv), case.Hkv, S - 1)
+    xn = x[:, -1:]
+
+    def step():
+        kc[:, :, S - 1:] = heads(linear(xn, wk, bk), case.Hkv, 1)
+        vc[:, :, S - 1:] = heads(linear(xn, wv, bv), case.Hkv, 1)
+        o = sdpa(heads(linear(xn, wq, bq), case.Hq, 1), kc, vc)  # (B, Hq, 1, E)
+        return linear(o.reshape(B, 1, D), wo, bo)
+    return step
 
 
 def run_numpy(case, inp):
@@ -172,6 +230,12 @@ def run_numpy(case, inp):
             o = numpy_sdpa(qkv[0], qkv[1], qkv[2], False, 1)
             return o.transpose(0, 2, 1, 3).reshape(B, L, D) @ w_out + b_out
         return layer
+    if case.kind == "cache":
+        group = case.Hq // case.Hkv
+        return cache_step(case, {**inp, "w": split_weights(inp["mod"])},
+                          lambda x, w, b: x @ w.T + b, lambda q, k, v: numpy_sdpa(q, k, v, False, group),
+                          lambda shape: np.empty(shape, np.float32),
+                          lambda t, n, length: t.reshape(case.B, length, n, case.E).transpose(0, 2, 1, 3))
     q, k, v = inp["q"], inp["k"], inp["v"]
     return lambda: numpy_sdpa(q, k, v, case.causal, case.Hq // case.Hkv)
 
@@ -208,6 +272,17 @@ def run_torch(case, inp):
             with torch.inference_mode():
                 return tm(x, x, x, need_weights=False)[0].numpy()
         return layer
+    if case.kind == "cache":
+        w = tuple(torch.from_numpy(a) for a in split_weights(inp["mod"]))
+        step = cache_step(case, {"x": torch.from_numpy(inp["x"]), "w": w}, F.linear,
+                          lambda q, k, v: F.scaled_dot_product_attention(q, k, v, enable_gqa=case.Hq != case.Hkv),
+                          lambda shape: torch.empty(shape),
+                          lambda t, n, length: t.reshape(case.B, length, n, case.E).transpose(1, 2))
+
+        def cached():
+            with torch.inference_mode():
+                return step().numpy()
+        return cached
     q, k, v = (torch.from_numpy(inp[n]) for n in "qkv")
     gqa = case.Hq != case.Hkv
 
@@ -261,8 +336,9 @@ def run_mhattn_on(target):
         before = _core.target()
         _core.set_target(target)
         try:
-            if case.kind == "layer":
-                mod = mhattn.MultiHeadAttention(inp["mod"].embed_dim, inp["mod"].num_heads)
+            if case.kind in ("layer", "cache"):
+                mod = mhattn.MultiHeadAttention(inp["mod"].embed_dim, inp["mod"].num_heads,
+                                                num_kv_heads=inp["mod"].num_kv_heads)
                 mod.load_state_dict(inp["mod"].state_dict())
                 inp = {**inp, "mod": mod}
             fn = run_mhattn(case, inp)
@@ -351,7 +427,7 @@ def bench_case(case, engines, repeats, rounds, pause, min_sample_s, rng):
         r["median_s"] = med
         r["spread"] = (s[-1] - s[0]) / med if med > 0 else 0.0
         r["gflops"] = case.flops / med / 1e9
-        if case.kind == "decode":
+        if case.kind in ("decode", "cache"):
             r["gbps"] = case.bytes / med / 1e9
     return res
 
@@ -411,7 +487,7 @@ def print_table(results, engines, bandwidth, out=sys.stdout):
             group = case.group
             print(f"\n{group}", file=out)
             head = f"  {'case':34s}" + "".join(f" | {e + ' ms':>16s}" for e in engines)
-            rate = "GB/s" if case.kind == "decode" else "GFLOP/s"
+            rate = "GB/s" if case.kind in ("decode", "cache") else "GFLOP/s"
             head += f" | {'mhattn ' + rate:>14s}" + "".join(f" | {'vs ' + e:>12s}" for e in engines[1:])
             print(head + " | target", file=out)
         row = f"  {case.label:34s}" + "".join(f" | {fmt_engine(res[e]):>16s}" for e in engines)
@@ -434,10 +510,10 @@ def plot(results, engines, path):
 
     sweeps = {}
     for case, res in results:
-        if case.group.startswith("heads"):
+        if case.group.startswith("heads") or ", width" in case.group or ", head dim" in case.group:
             sweeps.setdefault(case.group, []).append((case, res))
     if not sweeps:
-        raise SystemExit("--plot needs a heads sweep (preset heads or fixed-dim)")
+        raise SystemExit("--plot needs a sweep over heads (preset heads, fixed-dim or layer-heads)")
     fig, axes = plt.subplots(len(sweeps), 2, figsize=(11, 4 * len(sweeps)), squeeze=False)
     for row, (group, items) in zip(axes, sweeps.items()):
         for e in engines:

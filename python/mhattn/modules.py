@@ -60,7 +60,15 @@ class KVCache:
 
     def reset(self):
         """Forget every token (the memory is kept)."""
-        self._len = 0
+        self.truncate(0)
+
+    def truncate(self, n):
+        """Keep the first n tokens and forget the rest (to step back after a rejected draft, or
+        to reuse a prompt's cache); n must be at most len(self)."""
+        n = _checks.as_int(n, "n", 0)
+        if n > self._len:
+            raise ValueError(f"truncate({n}): the cache holds only {self._len} tokens")
+        self._len = n
 
     def _check_fits(self, mod, batch, new):
         if (batch, mod.num_kv_heads, mod.head_dim) != (self.batch, self.num_kv_heads,
