@@ -14,7 +14,7 @@ from mhattn import bench, reference
 
 ARGS = argparse.Namespace(heads=None, batch=1, length=512, width=768)
 CASES = [c for name in ("heads", "fixed-dim", "design", "causal", "gqa", "decode", "layer",
-                         "layer-heads", "cache", "gemm")
+                         "layer-heads", "layer-fixed-dim", "cache", "gemm")
          for c in bench.preset(name, ARGS)]
 
 
