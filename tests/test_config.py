@@ -74,3 +74,52 @@ def test_concurrent_python_threads_get_serial_results():
         th.join()
     for got, want in zip(results, serial):
         np.testing.assert_array_equal(got, want)
+
+
+def test_forked_child_after_a_parallel_run_does_not_hang():
+    """libgomp's workers do not survive fork(): a child of a process that ran mhattn in parallel
+    computes on one thread instead of waiting forever for them."""
+    code = """
+import multiprocessing as mp, numpy as np, mhattn
+mhattn.set_num_threads(2)
+x = np.random.default_rng(0).standard_normal((1, 8, 256, 64), dtype=np.float32)
+want = mhattn.scaled_dot_product_attention(x, x, x)
+def child(q):
+    q.put((mhattn.get_num_threads(), mhattn.scaled_dot_product_attention(x, x, x)))
+ctx = mp.get_context("fork")
+q = ctx.Queue()
+p = ctx.Process(target=child, args=(q,))
+p.start()
+threads, got = q.get(timeout=60)
+p.join(60)
+assert p.exitcode == 0 and threads == 1
+np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+@pytest.mark.parametrize("first", ["torch", "mhattn"])
+def test_openmp_beside_torch_either_import_order(first):
+    pytest.importorskip("torch")
+    code = f"""
+import importlib
+a = importlib.import_module({first!r})
+import torch, mhattn, numpy as np
+torch.set_num_threads(1)
+mhattn.set_num_threads(2)
+x = np.random.default_rng(0).standard_normal((2, 8, 200, 64), dtype=np.float32)
+t = torch.from_numpy(x)
+for _ in range(3):
+    ours = mhattn.scaled_dot_product_attention(x, x, x, is_causal=True)
+    theirs = torch.nn.functional.scaled_dot_product_attention(t, t, t, is_causal=True).numpy()
+np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=2e-5)
+assert torch.get_num_threads() == 1 and mhattn.get_num_threads() == 2
+mhattn.set_num_threads(1)
+torch.set_num_threads(2)
+assert torch.get_num_threads() == 2 and mhattn.get_num_threads() == 1
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

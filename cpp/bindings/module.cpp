@@ -117,7 +117,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("target", [] { return std::string(mhattn::kernels().name); }, "The active SIMD target.");
   m.def("set_target", [](const std::string& name) { mhattn::set_target(name); }, "name"_a,
         "Switch the active SIMD target (ValueError if this CPU cannot run it).");
-  m.def("get_num_threads", &mhattn::num_threads);
+  m.def("get_num_threads", &mhattn::threads_setting);
   m.def("set_num_threads", &mhattn::set_num_threads, "n"_a);
 
   py::class_<PackedB, std::shared_ptr<PackedB>>(m, "Packed",

@@ -3,6 +3,12 @@
 //
 // The thread count is mhattn's alone: every parallel region says num_threads(num_threads()),
 // so set_num_threads never touches the OpenMP setting that PyTorch or NumPy see.
+//
+// Fork: libgomp's worker threads do not survive fork(), and a child that enters a parallel
+// region of more than one thread after its parent ran one waits forever. So a child forked
+// after mhattn's kernels ran in parallel computes on one thread (documented in the README).
+#include <pthread.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
@@ -14,6 +20,13 @@ namespace mhattn {
 
 namespace {
 std::atomic<int> g_threads{1};
+std::atomic<bool> g_pool_started{false};  // a kernel asked for more than one thread
+std::atomic<bool> g_forked_child{false};  // ... and then this process was forked from it
+
+void after_fork_in_child() {
+  if (g_pool_started.load()) g_forked_child.store(true);
+}
+const bool g_fork_handler = pthread_atfork(nullptr, nullptr, after_fork_in_child) == 0;
 
 struct AlignedFree {
   void operator()(float* p) const { std::free(p); }
@@ -24,7 +37,14 @@ struct Scratch {
 };
 }  // namespace
 
-int num_threads() { return g_threads.load(std::memory_order_relaxed); }
+int threads_setting() { return g_forked_child.load(std::memory_order_relaxed) ? 1 : g_threads.load(); }
+
+int num_threads() {
+  const int n = threads_setting();
+  if (n > 1 && !g_pool_started.load(std::memory_order_relaxed)) g_pool_started.store(true);
+  return n;
+}
+
 void set_num_threads(int n) { g_threads.store(n < 1 ? 1 : n, std::memory_order_relaxed); }
 
 namespace {

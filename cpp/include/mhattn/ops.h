@@ -114,7 +114,8 @@ void set_target(const std::string& name);       // throws std::invalid_argument 
 PackedB pack_b(const float* b, int64_t b_ks, int64_t b_ns, int64_t K, int64_t N);
 
 // threads.cpp
-int num_threads();
+int num_threads();       // for a kernel about to start a parallel region
+int threads_setting();   // what get_num_threads reports (1 in a child forked after a parallel run)
 void set_num_threads(int n);
 // A per-thread buffer of at least n floats, 64-byte aligned, reused across calls. slot picks
 // one of a few independent buffers so a kernel can hold several at once.
