@@ -44,7 +44,7 @@ def softmax(x, axis=-1):
         raise ValueError("softmax needs an array with at least one axis, got a scalar")
     try:
         moved = np.moveaxis(a, axis, -1)
-    except np.exceptions.AxisError:
+    except ValueError:  # numpy's AxisError
         raise ValueError(f"axis {axis} is out of range for x of shape {a.shape}") from None
     rows = np.ascontiguousarray(moved).reshape(-1, moved.shape[-1] if moved.size else 1)
     out = np.empty_like(rows)
