@@ -6,6 +6,8 @@ float32 arrays.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import _checks, _core
@@ -46,7 +48,7 @@ def softmax(x, axis=-1):
         moved = np.moveaxis(a, axis, -1)
     except ValueError:  # numpy's AxisError
         raise ValueError(f"axis {axis} is out of range for x of shape {a.shape}") from None
-    rows = np.ascontiguousarray(moved).reshape(-1, moved.shape[-1] if moved.size else 1)
+    rows = np.ascontiguousarray(moved).reshape(math.prod(moved.shape[:-1]), moved.shape[-1])
     out = np.empty_like(rows)
     _core.softmax(out, rows)
     return np.moveaxis(out.reshape(moved.shape), -1, axis)
@@ -87,8 +89,9 @@ def matmul(a, b):
     except ValueError:
         raise ValueError(f"matmul: the batch axes do not broadcast; got {shapes}") from None
     (M, K), N = x2.shape[-2:], y2.shape[-1]
-    x3 = np.broadcast_to(x2, batch + (M, K)).reshape(-1, M, K)
-    y3 = np.broadcast_to(y2, batch + (K, N)).reshape(-1, K, N)
+    T = math.prod(batch)
+    x3 = np.broadcast_to(x2, batch + (M, K)).reshape(T, M, K)
+    y3 = np.broadcast_to(y2, batch + (K, N)).reshape(T, K, N)
     out = np.empty((x3.shape[0], M, N), dtype=np.float32)
     _core.matmul(out, x3, y3)
     out = out.reshape(batch + (M, N))
