@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Builds mhattn._core with AddressSanitizer and UndefinedBehaviorSanitizer into a throwaway
+# virtual environment and runs the test suite against it. Exits non-zero on any report.
+# Leak checking is off: CPython itself keeps memory until exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+work="$(mktemp -d)"
+python3 -m venv "$work/venv"
+# shellcheck disable=SC1091
+. "$work/venv/bin/activate"
+python -m pip install --quiet scikit-build-core pybind11 numpy pytest hypothesis
+
+san="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
+python -m pip install --quiet --no-build-isolation -Cbuild-dir="$work/build" \
+  -Ccmake.build-type=RelWithDebInfo \
+  -Ccmake.define.CMAKE_CXX_FLAGS="$san" \
+  -Ccmake.define.CMAKE_MODULE_LINKER_FLAGS="-fsanitize=address,undefined" .
+
+# The interpreter is not built with the sanitizers, so their runtimes are loaded first.
+export LD_PRELOAD="$(g++ -print-file-name=libasan.so) $(g++ -print-file-name=libubsan.so)"
+# Reports go to files: pytest captures stderr, and an aborting process would take it along.
+export ASAN_OPTIONS="detect_leaks=0:abort_on_error=1:log_path=$work/asan"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$work/ubsan"
+export MHATTN_SANITIZE=1  # tests that measure memory skip themselves
+mkdir "$work/run" && cp -r tests pyproject.toml "$work/run/" && cd "$work/run"
+status=0
+python -m pytest -q -p no:cacheprovider tests || status=$?
+for report in "$work"/asan.* "$work"/ubsan.*; do
+  [ -e "$report" ] && { echo "== $report"; cat "$report"; status=1; }
+done
+exit $status
