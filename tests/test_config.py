@@ -123,3 +123,40 @@ print("ok")
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_set_num_threads_from_another_thread_while_calls_run():
+    rng = np.random.default_rng(1)
+    mod = mhattn.MultiHeadAttention(64, 4, seed=0)
+    x = rng.standard_normal((2, 70, 64), dtype=np.float32)
+    want = mod(x)[0]
+    before = mhattn.get_num_threads()
+    stop = threading.Event()
+    results, errors = [], []
+
+    def flip():
+        n = 0
+        while not stop.is_set():
+            mhattn.set_num_threads(1 + n % 3)
+            n += 1
+
+    def work():
+        try:
+            for _ in range(40):
+                results.append(mod(x)[0])
+        except Exception as e:  # surfaced below
+            errors.append(e)
+
+    flipper = threading.Thread(target=flip)
+    workers = [threading.Thread(target=work) for _ in range(4)]
+    flipper.start()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    stop.set()
+    flipper.join()
+    mhattn.set_num_threads(before)
+    assert not errors and len(results) == 160
+    for got in results:
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
