@@ -50,3 +50,25 @@ def test_ten_thousand_calls_leave_the_resident_set_flat(rng):
         mhattn.scaled_dot_product_attention(x[:, None], x[:, None], x[:, None], is_causal=True)
     grown = rss_bytes() - start
     assert grown < 8 << 20, f"resident set grew by {grown / 2**20:.1f} MB over 10,000 calls"
+
+
+def available_memory():
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        return 0
+
+
+@pytest.mark.skipif(available_memory() < 20 << 30, reason="needs 20 GB of free memory")
+@pytest.mark.skipif(bool(os.environ.get("MHATTN_SANITIZE")), reason="too slow under the sanitizers")
+def test_input_of_more_than_2_31_elements_is_addressed_right():
+    K = 1024
+    M = (1 << 31) // K + 3  # the last rows lie past element 2^31
+    x = np.ones((M, K), np.float32)
+    x[-2:] = 3.0
+    w = np.random.default_rng(0).standard_normal((1, K)).astype(np.float32)
+    out = mhattn.linear(x, w)
+    np.testing.assert_allclose(out[-2:, 0], 3 * w.sum(), rtol=1e-4)
+    np.testing.assert_allclose(out[:2, 0], w.sum(), rtol=1e-4)
+    np.testing.assert_allclose(out[-3, 0], w.sum(), rtol=1e-4)
