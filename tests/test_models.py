@@ -44,3 +44,25 @@ def test_minilm_embeddings_match_sentence_transformers(monkeypatch):
     cos = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
     assert cos.min() >= 0.99999, cos
     assert np.abs(ours - theirs).max() <= 1e-4
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_gpt2_greedy_decode_with_kv_cache_matches_transformers(batch):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=96, n_head=6, n_layer=3, n_positions=64, vocab_size=300,
+                                  initializer_range=0.2, bos_token_id=None, eos_token_id=None)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    model = example("gpt2_decode").GPT2(hf)
+    prompt = np.random.default_rng(batch).integers(0, cfg.vocab_size, (batch, 7))
+    steps = 20
+    tokens, logits = model.generate(prompt, steps)
+    with torch.no_grad():
+        want = hf.generate(torch.from_numpy(prompt), max_new_tokens=steps, do_sample=False,
+                           pad_token_id=0)[:, prompt.shape[1]:].numpy()
+        # transformers' logits for the same sequence in one full forward pass, no cache
+        seq = torch.from_numpy(np.concatenate([prompt, tokens], 1))
+        full = hf(seq).logits[:, prompt.shape[1] - 1:-1].numpy()
+    np.testing.assert_array_equal(tokens, want)
+    assert np.abs(logits - full).max() <= 1e-4
