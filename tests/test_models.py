@@ -66,3 +66,22 @@ def test_gpt2_greedy_decode_with_kv_cache_matches_transformers(batch):
         full = hf(seq).logits[:, prompt.shape[1] - 1:-1].numpy()
     np.testing.assert_array_equal(tokens, want)
     assert np.abs(logits - full).max() <= 1e-4
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_llama_gqa_greedy_decode_matches_transformers(batch):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    ex = example("llama_decode")
+    hf = ex.small_random_llama()
+    assert hf.config.num_key_value_heads < hf.config.num_attention_heads  # grouped-query
+    prompt = np.random.default_rng(batch).integers(0, hf.config.vocab_size, (batch, 9))
+    steps = 16
+    tokens, logits = ex.Llama(hf).generate(prompt, steps)
+    with torch.no_grad():
+        want = hf.generate(torch.from_numpy(prompt), max_new_tokens=steps, do_sample=False,
+                           pad_token_id=0)[:, prompt.shape[1]:].numpy()
+        seq = torch.from_numpy(np.concatenate([prompt, tokens], 1))
+        full = hf(seq).logits[:, prompt.shape[1] - 1:-1].numpy()
+    np.testing.assert_array_equal(tokens, want)
+    assert np.abs(logits - full).max() <= 1e-4

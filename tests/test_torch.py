@@ -58,9 +58,10 @@ def test_from_torch_matches_nn_multiheadattention(isa, rng, batch_first, bias, k
     am_bool = rng.random((L, S)) < 0.3
     am_bool[:, 1] = False
     kpm_float = np.where(kpm, -np.inf, 0).astype(np.float32)
+    am_heads = rng.standard_normal((B * 4, L, S)).astype(np.float32)  # one mask per (batch, head)
     for kw in ({}, {"key_padding_mask": kpm}, {"attn_mask": am}, {"attn_mask": am_bool},
                {"key_padding_mask": kpm, "attn_mask": am_bool},
-               {"key_padding_mask": kpm_float, "attn_mask": am}):
+               {"key_padding_mask": kpm_float, "attn_mask": am}, {"attn_mask": am_heads}):
         with torch.no_grad():
             want, want_w = tm(t(q), t(k), t(v), need_weights=True,
                               **{n: t(m) for n, m in kw.items()})
@@ -77,3 +78,10 @@ def test_state_dict_loads_into_torch(rng):
     with torch.no_grad():
         want = tm(t(x), t(x), t(x), need_weights=False)[0].numpy()
     assert_close(mod(x)[0], want, "torch")
+
+
+@pytest.mark.parametrize("kw", [{"add_bias_kv": True}, {"add_zero_attn": True}])
+def test_from_torch_refuses_what_it_cannot_copy(kw):
+    tm = torch.nn.MultiheadAttention(16, 2, batch_first=True, **kw)
+    with pytest.raises(NotImplementedError, match="add_bias_kv and add_zero_attn"):
+        mhattn.MultiHeadAttention.from_torch(tm)
