@@ -17,6 +17,7 @@ import time
 import numpy as np
 
 import mhattn
+from greedy import generate
 
 
 def layer_norm(x, weight, bias, eps):
@@ -73,17 +74,6 @@ class GPT2:
             x = x + mhattn.linear(h, *layer["down"])
         return mhattn.linear(layer_norm(x, *self.norm_f, self.eps), self.wte)
 
-    def generate(self, prompt, steps):
-        """Greedy decoding: (tokens (B, steps), logits (B, steps, vocab) that chose them)."""
-        cache = self.new_cache(prompt.shape[0], prompt.shape[1] + steps)
-        logits = self.forward(prompt, cache)[:, -1]
-        tokens, chosen_by = [], []
-        for _ in range(steps):
-            nxt = logits.argmax(-1)
-            tokens.append(nxt)
-            chosen_by.append(logits)
-            logits = self.forward(nxt[:, None], cache)[:, -1]
-        return np.stack(tokens, 1), np.stack(chosen_by, 1)
 
 
 def main():
@@ -97,7 +87,7 @@ def main():
     model = GPT2(hf)
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 8))
     t0 = time.perf_counter()
-    ours, _ = model.generate(prompt, 24)
+    ours, _ = generate(model, prompt, 24)
     dt = time.perf_counter() - t0
     with torch.no_grad():
         theirs = hf.generate(torch.from_numpy(prompt), max_new_tokens=24, do_sample=False,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 import mhattn
+from greedy import generate
 
 
 def rms_norm(x, weight, eps):
@@ -82,17 +83,6 @@ class Llama:
         cache["len"] = end
         return mhattn.linear(rms_norm(x, self.norm, self.eps), self.head)
 
-    def generate(self, prompt, steps):
-        """Greedy decoding: (tokens (B, steps), logits (B, steps, vocab) that chose them)."""
-        cache = self.new_cache(prompt.shape[0], prompt.shape[1] + steps)
-        logits = self.forward(prompt, cache)[:, -1]
-        tokens, chosen_by = [], []
-        for _ in range(steps):
-            nxt = logits.argmax(-1)
-            tokens.append(nxt)
-            chosen_by.append(logits)
-            logits = self.forward(nxt[:, None], cache)[:, -1]
-        return np.stack(tokens, 1), np.stack(chosen_by, 1)
 
 
 def small_random_llama(seed=0):
@@ -112,7 +102,7 @@ def main():
 
     hf = small_random_llama()
     prompt = np.random.default_rng(0).integers(0, hf.config.vocab_size, (1, 8))
-    ours, _ = Llama(hf).generate(prompt, 24)
+    ours, _ = generate(Llama(hf), prompt, 24)
     with torch.no_grad():
         theirs = hf.generate(torch.from_numpy(prompt), max_new_tokens=24, do_sample=False,
                              pad_token_id=0)[:, prompt.shape[1]:].numpy()
