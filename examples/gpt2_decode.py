@@ -41,6 +41,7 @@ class GPT2:
         self.heads, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
         self.wte, self.wpe = sd["transformer.wte.weight"], sd["transformer.wpe.weight"]
         self.norm_f = (sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"])
+        self.lm_head = mhattn.Linear(self.wte)  # tied to the token embeddings
         self.layers = []
         for i in range(cfg.n_layer):
             p = f"transformer.h.{i}."
@@ -56,8 +57,8 @@ class GPT2:
                 attention=att,
                 norm1=(sd[p + "ln_1.weight"], sd[p + "ln_1.bias"]),
                 norm2=(sd[p + "ln_2.weight"], sd[p + "ln_2.bias"]),
-                up=(np.ascontiguousarray(sd[p + "mlp.c_fc.weight"].T), sd[p + "mlp.c_fc.bias"]),
-                down=(np.ascontiguousarray(sd[p + "mlp.c_proj.weight"].T), sd[p + "mlp.c_proj.bias"]),
+                up=mhattn.Linear(sd[p + "mlp.c_fc.weight"].T, sd[p + "mlp.c_fc.bias"]),
+                down=mhattn.Linear(sd[p + "mlp.c_proj.weight"].T, sd[p + "mlp.c_proj.bias"]),
             ))
 
     def new_cache(self, batch, max_len):
@@ -70,9 +71,9 @@ class GPT2:
         for layer, kv in zip(self.layers, cache):
             a, _ = layer["attention"](layer_norm(x, *layer["norm1"], self.eps), kv_cache=kv)
             x = x + a
-            h = gelu_new(mhattn.linear(layer_norm(x, *layer["norm2"], self.eps), *layer["up"]))
-            x = x + mhattn.linear(h, *layer["down"])
-        return mhattn.linear(layer_norm(x, *self.norm_f, self.eps), self.wte)
+            h = gelu_new(layer["up"](layer_norm(x, *layer["norm2"], self.eps)))
+            x = x + layer["down"](h)
+        return self.lm_head(layer_norm(x, *self.norm_f, self.eps))
 
 
 

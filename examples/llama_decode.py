@@ -1,7 +1,7 @@
 """Greedy generation on a Llama-style decoder with grouped-query attention, on mhattn.
 
 Llama rotates queries and keys by their position (RoPE) between the projection and the
-attention, so this decoder does not use MultiHeadAttention. It projects with mhattn.linear,
+attention, so this decoder does not use MultiHeadAttention. It projects with mhattn.Linear,
 rotates in NumPy, and keeps the keys and values of earlier tokens in arrays of its own. Then
 mhattn.scaled_dot_product_attention attends with enable_gqa (each kv head serves
 Hq / Hkv query heads) and a causal mask aligned bottom-right, so the new tokens see the whole
@@ -47,12 +47,17 @@ class Llama:
         self.hq, self.hkv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.e = cfg.hidden_size // cfg.num_attention_heads
         self.embed, self.norm = sd["model.embed_tokens.weight"], sd["model.norm.weight"]
-        self.head = sd.get("lm_head.weight", self.embed)
-        self.layers = [{n: sd[f"model.layers.{i}.{key}.weight"] for n, key in (
-            ("norm1", "input_layernorm"), ("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"),
-            ("v", "self_attn.v_proj"), ("o", "self_attn.o_proj"), ("norm2", "post_attention_layernorm"),
-            ("gate", "mlp.gate_proj"), ("up", "mlp.up_proj"), ("down", "mlp.down_proj"))}
-            for i in range(cfg.num_hidden_layers)]
+        self.head = mhattn.Linear(sd.get("lm_head.weight", self.embed))
+        self.layers = []
+        for i in range(cfg.num_hidden_layers):
+            p = f"model.layers.{i}."
+            layer = {n: mhattn.Linear(sd[p + key + ".weight"]) for n, key in (
+                ("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"), ("v", "self_attn.v_proj"),
+                ("o", "self_attn.o_proj"), ("gate", "mlp.gate_proj"), ("up", "mlp.up_proj"),
+                ("down", "mlp.down_proj"))}
+            layer["norm1"] = sd[p + "input_layernorm.weight"]
+            layer["norm2"] = sd[p + "post_attention_layernorm.weight"]
+            self.layers.append(layer)
 
     def new_cache(self, batch, max_len):
         """Per layer: keys and values (B, Hkv, max_len, E), and how many tokens they hold."""
@@ -72,16 +77,16 @@ class Llama:
 
         for w, (kc, vc) in zip(self.layers, cache["kv"]):
             h = rms_norm(x, w["norm1"], self.eps)
-            q = rope(heads(mhattn.linear(h, w["q"]), self.hq), pos, self.theta)
-            kc[:, :, start:end] = rope(heads(mhattn.linear(h, w["k"]), self.hkv), pos, self.theta)
-            vc[:, :, start:end] = heads(mhattn.linear(h, w["v"]), self.hkv)
+            q = rope(heads(w["q"](h), self.hq), pos, self.theta)
+            kc[:, :, start:end] = rope(heads(w["k"](h), self.hkv), pos, self.theta)
+            vc[:, :, start:end] = heads(w["v"](h), self.hkv)
             o = mhattn.scaled_dot_product_attention(q, kc[:, :, :end], vc[:, :, :end], is_causal=True,
                                                     causal_align="bottom_right", enable_gqa=True)
-            x = x + mhattn.linear(o.transpose(0, 2, 1, 3).reshape(B, T, -1), w["o"])
+            x = x + w["o"](o.transpose(0, 2, 1, 3).reshape(B, T, -1))
             h = rms_norm(x, w["norm2"], self.eps)
-            x = x + mhattn.linear(silu(mhattn.linear(h, w["gate"])) * mhattn.linear(h, w["up"]), w["down"])
+            x = x + w["down"](silu(w["gate"](h)) * w["up"](h))
         cache["len"] = end
-        return mhattn.linear(rms_norm(x, self.norm, self.eps), self.head)
+        return self.head(rms_norm(x, self.norm, self.eps))
 
 
 

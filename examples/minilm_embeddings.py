@@ -81,8 +81,8 @@ class MiniLM:
             self.layers.append(dict(
                 attention=att,
                 norm1=(w[p + "attention.output.LayerNorm.weight"], w[p + "attention.output.LayerNorm.bias"]),
-                up=(w[p + "intermediate.dense.weight"], w[p + "intermediate.dense.bias"]),
-                down=(w[p + "output.dense.weight"], w[p + "output.dense.bias"]),
+                up=mhattn.Linear(w[p + "intermediate.dense.weight"], w[p + "intermediate.dense.bias"]),
+                down=mhattn.Linear(w[p + "output.dense.weight"], w[p + "output.dense.bias"]),
                 norm2=(w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"]),
             ))
 
@@ -101,8 +101,8 @@ class MiniLM:
         for layer in self.layers:
             a, _ = layer["attention"](x, key_padding_mask=padding)
             x = layer_norm(x + a, *layer["norm1"], self.eps)
-            h = gelu(mhattn.linear(x, *layer["up"]))
-            x = layer_norm(x + mhattn.linear(h, *layer["down"]), *layer["norm2"], self.eps)
+            h = gelu(layer["up"](x))
+            x = layer_norm(x + layer["down"](h), *layer["norm2"], self.eps)
         m = mask[..., None].astype(np.float32)
         pooled = (x * m).sum(1) / np.maximum(m.sum(1), 1e-9)
         return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)

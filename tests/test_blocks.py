@@ -77,3 +77,31 @@ def test_vector_exp_within_2_ulp(isa):
     assert ulp.max() <= EXP_MAX_ULP
     special = _core._vexp(np.array([-np.inf, -100.0, np.nan, 0.0, 1.0], np.float32))
     assert special[0] == 0 and special[1] == 0 and np.isnan(special[2]) and special[3] == 1
+
+
+def test_linear_layer_packs_once_and_matches_reference(isa, rng):
+    w, b = mat(rng, 33, 70), mat(rng, 33)
+    layer = mhattn.Linear(w, b)
+    assert (layer.in_features, layer.out_features) == (70, 33)
+    for shape in ((5, 70), (2, 3, 70), (70,)):
+        x = mat(rng, *shape, scale=70 ** -0.5)
+        assert_close(layer(x), ref.linear(x, w, b), "gemm")
+    x = mat(rng, 4, 70)
+    np.testing.assert_array_equal(mhattn.Linear(w)(x), mhattn.linear(x, w))  # the same GEMM
+    with pytest.raises(ValueError):
+        layer.weight[0, 0] = 1.0  # packed: writing the copy in place would be ignored
+    with pytest.raises(ValueError, match="K = 70"):
+        layer(mat(rng, 5, 69))
+
+
+def test_linear_layer_follows_the_active_target(rng):
+    w = mat(rng, 20, 30)
+    layer = mhattn.Linear(w)
+    x = mat(rng, 7, 30)
+    before = _core.target()
+    try:
+        for t in _core.targets():
+            _core.set_target(t)
+            assert_close(layer(x), ref.linear(x, w), "gemm")
+    finally:
+        _core.set_target(before)

@@ -2,7 +2,7 @@
 
 A C++ core (SIMD chosen at run time, OpenMP threads) behind a NumPy API that follows PyTorch:
 scaled_dot_product_attention, MultiHeadAttention (with KVCache for decoding), and the building
-blocks softmax, linear and matmul. mhattn.reference defines every op in plain NumPy.
+blocks softmax, linear (and Linear, its weight packed once) and matmul. mhattn.reference defines every op in plain NumPy.
 Everything computes in float32; see the README for the numeric policy.
 """
 
@@ -13,13 +13,14 @@ import os
 from . import _core, reference
 from ._core import __version__
 from .functional import linear, matmul, scaled_dot_product_attention, softmax
-from .modules import KVCache, MultiHeadAttention
+from .modules import KVCache, Linear, MultiHeadAttention
 
 __all__ = [
     "__version__",
     "scaled_dot_product_attention",
     "MultiHeadAttention",
     "KVCache",
+    "Linear",
     "softmax",
     "linear",
     "matmul",

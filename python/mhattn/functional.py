@@ -57,20 +57,23 @@ def softmax(x, axis=-1):
 def linear(x, weight, bias=None):
     """x (..., K) @ weight (N, K).T + bias (N) -> (..., N), weight laid out as PyTorch stores it.
 
-    The weight is packed for the GEMM on every call; MultiHeadAttention packs its weights once.
+    The weight is packed for the GEMM on every call; mhattn.Linear packs it once, which is what
+    a model that calls the same layer again and again wants.
     """
+    w, b = _checks.check_linear_weight(weight, bias)
+    return apply_linear(x, w.shape, _core.Packed(w.T), b)
+
+
+def apply_linear(x, weight_shape, packed, bias):
+    """x (..., K) @ W.T + bias, W (N, K) = weight_shape packed as `packed` (checked weights)."""
     a = _checks.as_float(x, "x")
-    w = _checks.as_float(weight, "weight")
-    b = None if bias is None else np.ascontiguousarray(_checks.as_float(bias, "bias"))
-    shapes = _checks._Shapes(x=a, weight=w, bias=b)
-    if w.ndim != 2 or a.ndim < 1 or a.shape[-1] != w.shape[1]:
-        raise ValueError(f"linear wants x (..., K) and weight (N, K); got {shapes}")
-    if b is not None and b.shape != (w.shape[0],):
-        raise ValueError(f"bias must be (N,) = ({w.shape[0]},); got {shapes}")
-    x2 = _checks.rows_2d(a, a.shape[-1])
-    out = np.empty((x2.shape[0], w.shape[0]), dtype=np.float32)
-    _core.gemm(out, x2, _core.Packed(w.T), b)
-    return out.reshape(a.shape[:-1] + (w.shape[0],))
+    N, K = weight_shape
+    if a.ndim < 1 or a.shape[-1] != K:
+        raise ValueError(f"linear wants x (..., K) with K = {K} (weight ({N}, {K})); got x {a.shape}")
+    x2 = _checks.rows_2d(a, K)
+    out = np.empty((x2.shape[0], N), dtype=np.float32)
+    _core.gemm(out, x2, packed, bias)
+    return out.reshape(a.shape[:-1] + (N,))
 
 
 def matmul(a, b):

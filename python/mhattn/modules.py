@@ -9,9 +9,37 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _checks, _core
+from . import _checks, _core, functional
 
-__all__ = ["MultiHeadAttention", "KVCache"]
+__all__ = ["MultiHeadAttention", "KVCache", "Linear"]
+
+
+class Linear:
+    """x (..., K) @ weight (N, K).T + bias (N) -> (..., N), with the weight packed for the GEMM
+    once, when the layer is built (mhattn.linear packs it on every call). weight is laid out as
+    PyTorch stores it; the layer keeps read-only float32 copies as .weight and .bias."""
+
+    def __init__(self, weight, bias=None):
+        w, b = _checks.check_linear_weight(weight, bias)
+        self.weight = np.array(w, np.float32)
+        self.bias = None if b is None else np.array(b, np.float32)
+        for a in (self.weight, self.bias):
+            if a is not None:
+                a.flags.writeable = False
+        self.out_features, self.in_features = self.weight.shape
+        self._pack()
+
+    def _pack(self):
+        self._packed = _core.Packed(self.weight.T)
+        self._packed_for = _core.target()
+
+    def __repr__(self):
+        return f"Linear(in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None})"
+
+    def __call__(self, x):
+        if self._packed_for != _core.target():
+            self._pack()
+        return functional.apply_linear(x, self.weight.shape, self._packed, self.bias)
 
 
 class KVCache:
