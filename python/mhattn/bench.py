@@ -612,6 +612,9 @@ def print_table(results, engines, bandwidth, out=sys.stdout):
             print(head + " | target", file=out)
         row = f"  {case.label:34s}" + "".join(f" | {fmt_engine(res[e]):>16s}" for e in engines)
         me = res["mhattn"]
+        if "median_s" not in me:  # mhattn itself could not run this case
+            print(row + f" | {'skipped':>14s}" + f" | {'-':>12s}" * (len(engines) - 1), file=out)
+            continue
         rate = me.get("gbps", me.get("per_second", me.get("gflops")))
         row += f" | {rate:14.1f}"
         for e in engines[1:]:
