@@ -114,14 +114,7 @@ void qk_rows(float* s, const float* qs, const float* kt, int64_t bkp, int64_t E)
   for (int64_t j = 0; j < bkp; j += KP) qk_tile<R, 2>(s + j, bkp, qs, kt + j * E, KP, E);
 }
 void qk(int64_t R, float* s, const float* qs, const float* kt, int64_t bkp, int64_t E) {
-  switch (R) {
-    case 1: return qk_rows<1>(s, qs, kt, bkp, E);
-    case 2: return qk_rows<2>(s, qs, kt, bkp, E);
-    case 3: return qk_rows<3>(s, qs, kt, bkp, E);
-    case 4: return qk_rows<4>(s, qs, kt, bkp, E);
-    case 5: return qk_rows<5>(s, qs, kt, bkp, E);
-    default: return qk_rows<RM>(s, qs, kt, bkp, E);
-  }
+  with_rows<RM>(R, [&](auto r) { qk_rows<decltype(r)::value>(s, qs, kt, bkp, E); });
 }
 
 // s (R × bk, rows apart by lds) = qs (R × E) · kᵀ, reading the bk rows of k (k_ss apart) where
@@ -186,14 +179,7 @@ void pv_rows(float* o, const float* p, int64_t ldp, const float* v, int64_t ldv,
 }
 void pv(int64_t R, float* o, const float* p, int64_t ldp, const float* v, int64_t ldv,
         int64_t evp, int64_t bk) {
-  switch (R) {
-    case 1: return pv_rows<1>(o, p, ldp, v, ldv, evp, bk);
-    case 2: return pv_rows<2>(o, p, ldp, v, ldv, evp, bk);
-    case 3: return pv_rows<3>(o, p, ldp, v, ldv, evp, bk);
-    case 4: return pv_rows<4>(o, p, ldp, v, ldv, evp, bk);
-    case 5: return pv_rows<5>(o, p, ldp, v, ldv, evp, bk);
-    default: return pv_rows<RM>(o, p, ldp, v, ldv, evp, bk);
-  }
+  with_rows<RM>(R, [&](auto r) { pv_rows<decltype(r)::value>(o, p, ldp, v, ldv, evp, bk); });
 }
 
 // One query row of a tile: where it comes from and goes, which keys it may see, its masks.
@@ -380,13 +366,13 @@ void attend_tile(const AttnArgs& a, int64_t b, int64_t kvh, int64_t r0, int64_t 
   }
   if (a.weights) {
     run_blocks(Pass::Stats, a, rows, R, kb, key_lo, key_hi, t);
-    for (int64_t i = 0; i < R; ++i) t.l[i] = t.l[i] == 0.0f ? 0.0f : 1.0f / t.l[i];
+    for (int64_t i = 0; i < R; ++i) t.l[i] = recip_or_zero(t.l[i]);
     run_blocks(Pass::Final, a, rows, R, kb, key_lo, key_hi, t);
     for (int64_t i = 0; i < R; ++i) std::copy(t.o + i * evp, t.o + i * evp + Ev, rows[i].out);
   } else {
     run_blocks(Pass::Online, a, rows, R, kb, key_lo, key_hi, t);
     for (int64_t i = 0; i < R; ++i)
-      vec_scale(rows[i].out, t.o + i * evp, Ev, t.l[i] == 0.0f ? 0.0f : 1.0f / t.l[i]);
+      vec_scale(rows[i].out, t.o + i * evp, Ev, recip_or_zero(t.l[i]));
   }
 }
 

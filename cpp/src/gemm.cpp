@@ -109,16 +109,6 @@ void micro_kernel(int64_t kc, const float* ap, const float* bp, const OutMap& c,
     }
 }
 
-// micro_kernel<rows> for a sliver of 1 ≤ rows ≤ R rows.
-template <int R = MR>
-void run_micro_kernel(int64_t rows, int64_t kc, const float* ap, const float* bp,
-                      const OutMap& c, float* const* crow, int64_t n0, int64_t ncols,
-                      const float* bias, bool first) {
-  if constexpr (R > 1)
-    if (rows < R) return run_micro_kernel<R - 1>(rows, kc, ap, bp, c, crow, n0, ncols, bias, first);
-  micro_kernel<R>(kc, ap, bp, c, crow, n0, ncols, bias, first);
-}
-
 }  // namespace
 
 int panel_width() { return NR; }
@@ -186,8 +176,10 @@ void gemm(const OutMap& c, const float* a, int64_t a_rs, int64_t a_cs, const Pac
         const float* bp = b.data.data() + p * K * NR + k0 * NR;
         const int64_t n0 = p * NR, ncols = std::min<int64_t>(NR, N - n0);
         for (int64_t i0 = 0; i0 < rows; i0 += MR)
-          run_micro_kernel(std::min<int64_t>(MR, rows - i0), kc, ap + i0 * kc, bp, c, crow + i0,
-                           n0, ncols, bias, k0 == 0);
+          with_rows<MR>(std::min<int64_t>(MR, rows - i0), [&](auto r) {
+            micro_kernel<decltype(r)::value>(kc, ap + i0 * kc, bp, c, crow + i0, n0, ncols, bias,
+                                             k0 == 0);
+          });
       }
     }
   }

@@ -21,7 +21,7 @@ void softmax(float* out, const float* x, int64_t rows, int64_t n, int64_t ld) {
     float* yr = out + r * ld;
     const float m = vec_max(xr, n);                                   // (1)
     const float sum = vec_exp_sum(yr, xr, n, m == -INFINITY ? 0.0f : m);  // (2)
-    vec_scale(yr, yr, n, sum == 0.0f ? 0.0f : 1.0f / sum);            // (3)
+    vec_scale(yr, yr, n, recip_or_zero(sum));                         // (3)
   }
 }
 

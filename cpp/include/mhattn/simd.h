@@ -7,12 +7,13 @@
 //
 // A target provides: V (a vector of W floats), vload/vstore (unaligned), vset1, vzero, vadd,
 // vsub, vmul, vfma (a*b + c), vmax, vmin, vclamp (keeps NaN), vhsum, vhmax, vtranspose (a
-// W × W block held in W vectors), and vexp.
+// W × W block held in W vectors), and vexp; and with_rows, for the kernels' register tiles.
 // Not here: anything that depends on a kernel's shapes; that lives in the kernel's own file.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #ifndef MHATTN_TARGET
 #error "simd.h is for kernel sources compiled with MHATTN_TARGET set (see CMakeLists.txt)"
@@ -203,6 +204,15 @@ inline V vexp(V x) {
   p = vfma(p, r, vset1(5.0000001201e-1f));
   p = vfma(p, vmul(r, r), vadd(r, vset1(1.0f)));
   return vzero_below(x, lo, vmul(p, vpow2i(n)));
+}
+
+// f(std::integral_constant<int, r>) for a run-time row count 1 <= r <= MAX: the register tiles
+// take their rows as a template argument, and the last sliver of a block has fewer.
+template <int MAX, class F>
+inline void with_rows(int64_t r, F&& f) {
+  if constexpr (MAX > 1)
+    if (r < MAX) return with_rows<MAX - 1>(r, f);
+  f(std::integral_constant<int, MAX>{});
 }
 
 }  // namespace MHATTN_TARGET

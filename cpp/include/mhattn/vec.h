@@ -41,6 +41,10 @@ inline float vec_exp_sum(float* y, const float* x, int64_t n, float shift) {
   return sum;
 }
 
+// 1 / x, or 0 for x = 0: how a row with nothing to normalise by (every key masked) comes out
+// as zeros rather than NaN. NaN stays NaN.
+inline float recip_or_zero(float x) { return x == 0.0f ? 0.0f : 1.0f / x; }
+
 // y[j] = a * x[j]. y may equal x.
 inline void vec_scale(float* y, const float* x, int64_t n, float a) {
   const V va = vset1(a);
