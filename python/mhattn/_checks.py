@@ -142,7 +142,7 @@ def check_sdpa(query, key, value, attn_mask, is_causal, scale, enable_gqa, causa
 class MhaCall:
     """A checked call of MultiHeadAttention: inputs as 2-D row views and sizes."""
 
-    __slots__ = ("xq", "xk", "xv", "B", "L", "S_new", "unbatched", "masks")
+    __slots__ = ("xq", "xk", "xv", "B", "L", "S_new", "unbatched", "masks", "shapes")
 
 
 def check_mha(mod, query, key, value, key_padding_mask, attn_mask, kv_cache):
@@ -182,10 +182,11 @@ def check_mha(mod, query, key, value, key_padding_mask, attn_mask, kv_cache):
     c.xk = c.xq if self_attention else rows_2d(k, k.shape[-1])
     c.xv = c.xq if self_attention else rows_2d(v, v.shape[-1])
     c.masks = (key_padding_mask, attn_mask)
+    c.shapes = shapes
     return c
 
 
-def mha_masks(c, num_heads, S, shapes_of):
+def mha_masks(c, num_heads, S):
     """key_padding_mask (B, S) and attn_mask (L, S) or (B * Hq, L, S), torch's meaning (bool True
     = ignored), as two kernel masks over (B, Hq, L, S)."""
     kpm, am = c.masks
@@ -197,8 +198,8 @@ def mha_masks(c, num_heads, S, shapes_of):
         want = (S,) if c.unbatched else (B, S)
         if kpm_a.shape != want:
             raise ValueError(f"key_padding_mask must be {want} (batch, key length); got "
-                             f"{kpm_a.shape}; {shapes_of}")
-        out.append(mask_4d(kpm_a.reshape(B, 1, 1, S), "key_padding_mask", full, shapes_of, 0))
+                             f"{kpm_a.shape}; {c.shapes}")
+        out.append(mask_4d(kpm_a.reshape(B, 1, 1, S), "key_padding_mask", full, c.shapes, 0))
     if am is not None:
         am_a = np.asarray(am)
         if am_a.shape == (L, S):
@@ -207,8 +208,8 @@ def mha_masks(c, num_heads, S, shapes_of):
             am_4d = am_a.reshape(B, Hq, L, S)
         else:
             raise ValueError(f"attn_mask must be (L, S) = {(L, S)} or (B * num_heads, L, S) = "
-                             f"{(B * Hq, L, S)}; got {am_a.shape}; {shapes_of}")
-        out.append(mask_4d(am_4d, "attn_mask", full, shapes_of, 0))
+                             f"{(B * Hq, L, S)}; got {am_a.shape}; {c.shapes}")
+        out.append(mask_4d(am_4d, "attn_mask", full, c.shapes, 0))
     return out + [None] * (2 - len(out))
 
 

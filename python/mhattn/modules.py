@@ -14,6 +14,25 @@ from . import _checks, _core, functional
 __all__ = ["MultiHeadAttention", "KVCache", "Linear"]
 
 
+class _PackedWeights:
+    """Weight matrices W (N, K) packed for the GEMM of the active SIMD target, packed again
+    when the target changes (only the tests switch it at run time)."""
+
+    def __init__(self, *weights):
+        self._weights = weights
+        self._pack()
+
+    def _pack(self):
+        # x · Wᵀ: the GEMM's B is Wᵀ, a strided view of W, packed without a copy of W.
+        self._packed = tuple(_core.Packed(w.T) for w in self._weights)
+        self._target = _core.target()
+
+    def get(self):
+        if self._target != _core.target():
+            self._pack()
+        return self._packed
+
+
 class Linear:
     """x (..., K) @ weight (N, K).T + bias (N) -> (..., N), with the weight packed for the GEMM
     once, when the layer is built (mhattn.linear packs it on every call). weight is laid out as
@@ -27,19 +46,13 @@ class Linear:
             if a is not None:
                 a.flags.writeable = False
         self.out_features, self.in_features = self.weight.shape
-        self._pack()
-
-    def _pack(self):
-        self._packed = _core.Packed(self.weight.T)
-        self._packed_for = _core.target()
+        self._packed = _PackedWeights(self.weight)
 
     def __repr__(self):
         return f"Linear(in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None})"
 
     def __call__(self, x):
-        if self._packed_for != _core.target():
-            self._pack()
-        return functional.apply_linear(x, self.weight.shape, self._packed, self.bias)
+        return functional.apply_linear(x, self.weight.shape, self._packed.get()[0], self.bias)
 
 
 class KVCache:
@@ -221,9 +234,9 @@ class MultiHeadAttention:
             w.flags.writeable = False
             state[name] = w
         self._state = state
-        self._pack()
+        self._split_and_pack()
 
-    def _pack(self):
+    def _split_and_pack(self):
         D, KV = self.embed_dim, self.num_kv_heads * self.head_dim
         s = self._state
         if self._qkv_same_dim:
@@ -234,9 +247,7 @@ class MultiHeadAttention:
         b = s.get("in_proj_bias")
         self._biases = (None, None, None, None) if b is None else (
             b[:D], b[D:D + KV], b[D + KV:], s["out_proj.bias"])
-        # x · Wᵀ: the GEMM's B is Wᵀ, a strided view of W, packed without a copy of W.
-        self._packed = tuple(_core.Packed(w.T) for w in (wq, wk, wv, s["out_proj.weight"]))
-        self._packed_for = _core.target()
+        self._packed = _PackedWeights(wq, wk, wv, s["out_proj.weight"])
 
     def __getattr__(self, name):
         # in_proj_weight, q_proj_weight, ..., out_proj_weight / out_proj_bias: read-only arrays
@@ -269,10 +280,7 @@ class MultiHeadAttention:
             kvbuf = np.empty((B, 2 * Hkv, c.S_new, E), dtype=np.float32)
             kv_pos, causal, diag = 0, bool(is_causal), 0
         S = kv_pos + c.S_new
-        shapes = _checks._Shapes(query=query, key=key, value=value)
-        masks = _checks.mha_masks(c, Hq, S, shapes)
-        if self._packed_for != _core.target():
-            self._pack()
+        masks = _checks.mha_masks(c, Hq, S)
 
         out = np.empty((B * L, self.embed_dim), dtype=np.float32)
         concat = np.empty((B * L, self.embed_dim), dtype=np.float32)
@@ -280,7 +288,7 @@ class MultiHeadAttention:
         weights = np.zeros((B, Hq, L, S), dtype=np.float32) if need_weights else None
         avg = np.empty((B, L, S), np.float32) if need_weights and average_attn_weights else None
         seq_major = not self.batch_first and not c.unbatched
-        _core.mha_forward(out, concat, weights, avg, c.xq, c.xk, c.xv, *self._packed,
+        _core.mha_forward(out, concat, weights, avg, c.xq, c.xk, c.xv, *self._packed.get(),
                           *self._biases, qbuf, kvbuf, kv_pos, c.S_new, seq_major, masks[0],
                           masks[1], causal, diag, float(1.0 / np.sqrt(E)))
         if kv_cache is not None:
