@@ -43,6 +43,33 @@ def test_linear_zero_sizes(rng):
     assert_close(got, np.ones((2, 3)), "gemm")
 
 
+ACTIVATIONS = ["relu", "gelu", "gelu_tanh"]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_activation_over_the_float_range(isa, activation):
+    # Through a 1 × 1 identity weight the GEMM's sums are exact: what is left is the activation.
+    x = np.concatenate([np.linspace(-20, 20, 40_001), -np.logspace(-30, 38, 500),
+                        np.logspace(-30, 38, 500)]).astype(np.float32)
+    got = mhattn.linear(x[:, None], np.ones((1, 1), np.float32), activation=activation)[:, 0]
+    assert_close(got, ref.activate(x, activation), "activation")
+    special = np.array([np.inf, -np.inf, np.nan, 0.0, -3.4e38, 3.4e38], np.float32)
+    got = mhattn.linear(special[:, None], np.ones((1, 1), np.float32), activation=activation)[:, 0]
+    np.testing.assert_array_equal(got, np.array([np.inf, 0.0, np.nan, 0.0, 0.0, 3.4e38], np.float32))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("M,N,K", [(1, 5, 3), (5, 17, 255), (17, 255, 17), (300, 200, 700), (64, 2304, 768)])
+def test_linear_activation_fused_in_the_store(isa, threads, rng, activation, M, N, K):
+    # Sizes with edge tiles, several KC steps (700: the activation must come after the last one
+    # only), and products small enough for the unpacked path.
+    x, w, b = mat(rng, M, K, scale=3 * K ** -0.5), mat(rng, N, K), mat(rng, N)
+    assert_close(mhattn.linear(x, w, b, activation=activation), ref.linear(x, w, b, activation), "gemm")
+    layer = mhattn.Linear(w, activation=activation)
+    np.testing.assert_array_equal(layer(x), mhattn.linear(x, w, activation=activation))
+    assert_close(layer(x[::-1]), ref.linear(x[::-1], w, None, activation), "gemm")
+
+
 @pytest.mark.parametrize("sa,sb", [((7, 5), (5, 9)), ((3, 7, 5), (5, 9)), ((2, 1, 17, 33), (4, 33, 6)),
                                    ((5,), (5, 9)), ((7, 5), (5,)), ((6, 130, 257), (6, 257, 129))])
 def test_matmul_broadcasting(isa, rng, sa, sb):

@@ -127,20 +127,24 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("N", &PackedB::N)
       .def_readonly("target", &PackedB::target);
 
-  // out (M, N) = a (M, K) · b + bias; out's rows may be strided, its columns contiguous.
-  m.def("gemm", [](py::array out, const py::array& a, const PackedB& b, const py::object& bias) {
+  // out (M, N) = act(a (M, K) · b + bias); out's rows may be strided, its columns contiguous.
+  // activation: 0 none, 1 relu, 2 gelu, 3 gelu_tanh (mhattn::Activation).
+  m.def("gemm", [](py::array out, const py::array& a, const PackedB& b, const py::object& bias,
+                   int activation) {
     float* c = out_f32(out, "out", 2);
     const float* x = in_f32(a, "a", 2);
     const float* bs = opt_f32(bias, "bias");
     require(a.shape(1) == b.K && out.shape(0) == a.shape(0) && out.shape(1) == b.N &&
                 last_contiguous(out) && (!bs || py::cast<py::array>(bias).shape(0) == b.N),
             "gemm shapes");
+    require(activation >= 0 && activation <= 3, "gemm activation");
     check_packed(b);
     const int64_t M = a.shape(0), a_rs = st(a, 0), a_cs = st(a, 1);
     const OutMap map = OutMap::row_major(c, M, b.N, st(out, 0));
+    const auto act = static_cast<mhattn::Activation>(activation);
     py::gil_scoped_release release;
-    mhattn::kernels().gemm(map, x, a_rs, a_cs, b, bs, M);
-  }, "out"_a, "a"_a, "b"_a, "bias"_a = py::none());
+    mhattn::kernels().gemm(map, x, a_rs, a_cs, b, bs, act, M);
+  }, "out"_a, "a"_a, "b"_a, "bias"_a = py::none(), "activation"_a = 0);
 
   // out (T, M, N) contiguous = a (T, M, K) · b (T, K, N), any strides (0 where broadcast).
   m.def("matmul", [](py::array out, const py::array& a, const py::array& b) {
@@ -159,7 +163,7 @@ PYBIND11_MODULE(_core, m) {
     for (int64_t t = 0; t < T; ++t) {
       if (t == 0 || bs0 != 0) packed = mhattn::pack_b(y + t * bs0, bs1, bs2, K, N);
       mhattn::kernels().gemm(OutMap::row_major(c + t * cs0, M, N, cs1), x + t * as0, as1, as2,
-                             packed, nullptr, M);
+                             packed, nullptr, mhattn::Activation::none, M);
     }
   }, "out"_a, "a"_a, "b"_a);
 

@@ -1,10 +1,11 @@
-// gemm.cpp: packed SGEMM for every target, C (M, N) = A (M, K) · B (K, N) + bias.
+// gemm.cpp: packed SGEMM for every target, C (M, N) = act(A (M, K) · B (K, N) + bias).
 //
 // B is packed once into panels of NR columns (pack_b; a layer packs its weights when it is
 // built, never per call). A is packed per block of up to MC rows × KC columns into slivers of
 // MR rows, k-major. The micro-kernel holds an MR × NR tile of C in registers and streams one
 // A sliver against one B sliver; the tile is written through OutMap (ops.h), which is how the
-// in-projection stores Q, K and V directly in the (B, H, L, E) layout, bias included.
+// in-projection stores Q, K and V directly in the (B, H, L, E) layout, bias included. The
+// activation (activation.h) is applied in the same store, on the last step over K.
 //
 // Loop nest (the BLIS order): parallel tasks of (row block, run of panels), dynamic schedule;
 // inside a task: k0 in steps of KC (pack the A block) → panel → sliver of MR rows → micro-kernel.
@@ -12,6 +13,7 @@
 // the fast path against, and it serves K = 0 and products too small to be worth packing A.
 #include <algorithm>
 
+#include "mhattn/activation.h"
 #include "mhattn/ops.h"
 #include "mhattn/simd.h"
 
@@ -41,14 +43,14 @@ inline float packed_at(const PackedB& b, int64_t k, int64_t n) {
   return b.data[(n / NR) * b.K * NR + k * NR + n % NR];
 }
 
-// C (M, N) = A (M, K) · B (K, N) + bias, one element at a time.
+// C (M, N) = act(A (M, K) · B (K, N) + bias), one element at a time.
 void gemm_simple(const OutMap& c, const float* a, int64_t a_rs, int64_t a_cs, const PackedB& b,
-                 const float* bias, int64_t M) {
+                 const float* bias, Activation act, int64_t M) {
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = 0; n < b.N; ++n) {
       float acc = bias ? bias[n] : 0.0f;
       for (int64_t k = 0; k < b.K; ++k) acc += a[m * a_rs + k * a_cs] * packed_at(b, k, n);
-      *c.at(m, n) = acc;
+      *c.at(m, n) = activate1(act, acc);
     }
 }
 
@@ -69,11 +71,13 @@ void pack_a(float* ap, const float* a, int64_t rs, int64_t cs, int64_t mc, int64
 }
 
 // C[m0 : m0+R, n0 : n0+ncols] (+)= ap (kc × MR sliver) · bp (kc × NR sliver), plus bias when
-// `first` (the first KC step writes, later ones add). crow[i] is C's row m0 + i (OutMap::row,
-// worked out once per task), so the store needs no division.
+// `first` (the first KC step writes, later ones add), then act when `last` (the last KC step).
+// crow[i] is C's row m0 + i (OutMap::row, worked out once per task), so the store needs no
+// division.
 template <int R>
 void micro_kernel(int64_t kc, const float* ap, const float* bp, const OutMap& c,
-                  float* const* crow, int64_t n0, int64_t ncols, const float* bias, bool first) {
+                  float* const* crow, int64_t n0, int64_t ncols, const float* bias, bool first,
+                  Activation act) {
   V acc[R][NV];
   for (int i = 0; i < R; ++i)
     for (int v = 0; v < NV; ++v) acc[i][v] = vzero();
@@ -94,7 +98,7 @@ void micro_kernel(int64_t kc, const float* ap, const float* bp, const OutMap& c,
     for (int i = 0; i < R; ++i) {
       float* p = crow[i] + col;
       for (int v = 0; v < NV; ++v)
-        vstore(p + v * W, vadd(acc[i][v], first ? bv[v] : vload(p + v * W)));
+        vstore(p + v * W, vactivate(act, vadd(acc[i][v], first ? bv[v] : vload(p + v * W))));
     }
     return;
   }
@@ -103,10 +107,12 @@ void micro_kernel(int64_t kc, const float* ap, const float* bp, const OutMap& c,
   for (int i = 0; i < R; ++i)
     for (int v = 0; v < NV; ++v) vstore(tile + i * NR + v * W, acc[i][v]);
   for (int i = 0; i < R; ++i)
-    for (int64_t j = 0; j < ncols; ++j) {
-      float* p = crow[i] + c.col(n0 + j);
-      *p = tile[i * NR + j] + (first ? (bias ? bias[n0 + j] : 0.0f) : *p);
-    }
+    for (int64_t j = 0; j < ncols; ++j)
+      tile[i * NR + j] += first ? (bias ? bias[n0 + j] : 0.0f) : crow[i][c.col(n0 + j)];
+  if (act != Activation::none)
+    for (int i = 0; i < R * NR; i += W) vstore(tile + i, vactivate(act, vload(tile + i)));
+  for (int i = 0; i < R; ++i)
+    for (int64_t j = 0; j < ncols; ++j) crow[i][c.col(n0 + j)] = tile[i * NR + j];
 }
 
 }  // namespace
@@ -140,11 +146,11 @@ void pack_b(float* dst, const float* b, int64_t ks, int64_t ns, int64_t K, int64
 }
 
 void gemm(const OutMap& c, const float* a, int64_t a_rs, int64_t a_cs, const PackedB& b,
-          const float* bias, int64_t M) {
+          const float* bias, Activation act, int64_t M) {
   const int64_t N = b.N, K = b.K;
   if (M == 0 || N == 0) return;
   const double flops = 2.0 * M * N * K;
-  if (K == 0 || flops < kTinyFlops) return gemm_simple(c, a, a_rs, a_cs, b, bias, M);
+  if (K == 0 || flops < kTinyFlops) return gemm_simple(c, a, a_rs, a_cs, b, bias, act, M);
 
   // Row blocks of equal height (a multiple of MR), and the panels cut into runs so that there
   // are at least four tasks per thread and their count divides evenly among the threads.
@@ -178,7 +184,7 @@ void gemm(const OutMap& c, const float* a, int64_t a_rs, int64_t a_cs, const Pac
         for (int64_t i0 = 0; i0 < rows; i0 += MR)
           with_rows<MR>(std::min<int64_t>(MR, rows - i0), [&](auto r) {
             micro_kernel<decltype(r)::value>(kc, ap + i0 * kc, bp, c, crow + i0, n0, ncols, bias,
-                                             k0 == 0);
+                                             k0 == 0, k0 + kc == K ? act : Activation::none);
           });
       }
     }

@@ -13,7 +13,7 @@ namespace MHATTN_TARGET {
 int panel_width();
 void pack_b(float* dst, const float* b, int64_t b_ks, int64_t b_ns, int64_t K, int64_t N);
 void gemm(const OutMap& c, const float* a, int64_t a_rs, int64_t a_cs, const PackedB& b,
-          const float* bias, int64_t M);
+          const float* bias, Activation act, int64_t M);
 // softmax.cpp
 void softmax(float* out, const float* x, int64_t rows, int64_t n, int64_t ld);
 void vexp_array(float* out, const float* x, int64_t n);

@@ -224,6 +224,16 @@ def check_linear_weight(weight, bias):
     return w, b
 
 
+# The activations the GEMM applies as it stores (the codes of mhattn::Activation).
+ACTIVATION_CODES = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
+
+
+def activation_code(activation):
+    if not isinstance(activation, (str, type(None))) or activation not in ACTIVATION_CODES:
+        raise ValueError(f"activation must be one of {tuple(ACTIVATION_CODES)}; got {activation!r}")
+    return ACTIVATION_CODES[activation]
+
+
 def check_weight(name, w, shape):
     a = as_float(w, name)
     if a.shape != tuple(shape):

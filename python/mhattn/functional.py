@@ -54,25 +54,32 @@ def softmax(x, axis=-1):
     return np.moveaxis(out.reshape(moved.shape), -1, axis)
 
 
-def linear(x, weight, bias=None):
-    """x (..., K) @ weight (N, K).T + bias (N) -> (..., N), weight laid out as PyTorch stores it.
+def linear(x, weight, bias=None, activation=None):
+    """activation(x (..., K) @ weight (N, K).T + bias (N)) -> (..., N), weight laid out as
+    PyTorch stores it.
+
+    activation: None, "relu", "gelu" (exact, erf-based: BERT's and torch's default) or
+    "gelu_tanh" (the tanh approximation: GPT-2's). It is applied as the GEMM stores its output,
+    so it costs no extra pass over memory. mhattn.reference.activate defines each one.
 
     The weight is packed for the GEMM on every call; mhattn.Linear packs it once, which is what
     a model that calls the same layer again and again wants.
     """
     w, b = _checks.check_linear_weight(weight, bias)
-    return apply_linear(x, w.shape, _core.Packed(w.T), b)
+    code = _checks.activation_code(activation)
+    return apply_linear(x, w.shape, _core.Packed(w.T), b, code)
 
 
-def apply_linear(x, weight_shape, packed, bias):
-    """x (..., K) @ W.T + bias, W (N, K) = weight_shape packed as `packed` (checked weights)."""
+def apply_linear(x, weight_shape, packed, bias, activation_code=0):
+    """act(x (..., K) @ W.T + bias), W (N, K) = weight_shape packed as `packed` (checked
+    weights, activation as _checks.activation_code gives it)."""
     a = _checks.as_float(x, "x")
     N, K = weight_shape
     if a.ndim < 1 or a.shape[-1] != K:
         raise ValueError(f"linear wants x (..., K) with K = {K} (weight ({N}, {K})); got x {a.shape}")
     x2 = _checks.rows_2d(a, K)
     out = np.empty((x2.shape[0], N), dtype=np.float32)
-    _core.gemm(out, x2, packed, bias)
+    _core.gemm(out, x2, packed, bias, activation_code)
     return out.reshape(a.shape[:-1] + (N,))
 
 

@@ -34,12 +34,16 @@ class _PackedWeights:
 
 
 class Linear:
-    """x (..., K) @ weight (N, K).T + bias (N) -> (..., N), with the weight packed for the GEMM
-    once, when the layer is built (mhattn.linear packs it on every call). weight is laid out as
-    PyTorch stores it; the layer keeps read-only float32 copies as .weight and .bias."""
+    """activation(x (..., K) @ weight (N, K).T + bias (N)) -> (..., N), with the weight packed
+    for the GEMM once, when the layer is built (mhattn.linear packs it on every call). weight
+    is laid out as PyTorch stores it; the layer keeps read-only float32 copies as .weight and
+    .bias. activation is None, "relu", "gelu" or "gelu_tanh", applied as the GEMM stores its
+    output (see mhattn.linear)."""
 
-    def __init__(self, weight, bias=None):
+    def __init__(self, weight, bias=None, activation=None):
         w, b = _checks.check_linear_weight(weight, bias)
+        self._activation_code = _checks.activation_code(activation)
+        self.activation = activation
         self.weight = np.array(w, np.float32)
         self.bias = None if b is None else np.array(b, np.float32)
         for a in (self.weight, self.bias):
@@ -49,10 +53,13 @@ class Linear:
         self._packed = _PackedWeights(self.weight)
 
     def __repr__(self):
-        return f"Linear(in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None})"
+        act = "" if self.activation is None else f", activation={self.activation!r}"
+        return (f"Linear(in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}{act})")
 
     def __call__(self, x):
-        return functional.apply_linear(x, self.weight.shape, self._packed.get()[0], self.bias)
+        return functional.apply_linear(x, self.weight.shape, self._packed.get()[0], self.bias,
+                                       self._activation_code)
 
 
 class KVCache:

@@ -8,10 +8,14 @@ E head dim of queries and keys, Ev head dim of values, D model width.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 __all__ = [
     "softmax",
+    "activate",
+    "ACTIVATIONS",
     "linear",
     "matmul",
     "visible_keys",
@@ -31,10 +35,41 @@ def softmax(x, axis=-1):
         return np.where(s == 0, 0.0, e / s)
 
 
-def linear(x, weight, bias=None):
-    """x (..., K) @ weight (N, K).T + bias (N)."""
+def activate(x, name):
+    """An activation applied element by element; name is one of ACTIVATIONS.
+
+    relu(x) = max(x, 0); gelu(x) = x Φ(x) with Φ the normal CDF (BERT's exact GELU);
+    gelu_tanh(x) = x (1 + tanh(u)) / 2, u = √(2/π) (x + 0.044715 x³) (GPT-2's), written here
+    as x σ(2u), the same number without the cancellation of 1 + tanh(u) for negative u.
+    At -inf each takes its limit, 0; NaN stays NaN.
+    """
+    x = np.asarray(x, np.float64)
+    if name is None:
+        return x
+    if name == "relu":
+        y = np.where(x > 0, x, 0.0)
+    elif name == "gelu":
+        phi = 0.5 * np.vectorize(math.erfc, otypes=[np.float64])(-x / math.sqrt(2.0))
+        with np.errstate(invalid="ignore"):
+            y = x * phi
+    elif name == "gelu_tanh":
+        u = math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)
+        with np.errstate(over="ignore", invalid="ignore"):
+            y = x / (1.0 + np.exp(-2.0 * u))
+    else:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}; got {name!r}")
+    return np.where(np.isneginf(x), 0.0, np.where(np.isnan(x), np.nan, y))
+
+
+ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh")
+
+
+def linear(x, weight, bias=None, activation=None):
+    """activation(x (..., K) @ weight (N, K).T + bias (N))."""
     y = np.asarray(x, np.float64) @ np.asarray(weight, np.float64).T
-    return y if bias is None else y + np.asarray(bias, np.float64)
+    if bias is not None:
+        y = y + np.asarray(bias, np.float64)
+    return activate(y, activation)
 
 
 def matmul(a, b):

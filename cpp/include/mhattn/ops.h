@@ -36,6 +36,9 @@ struct OutMap {
   }
 };
 
+// What the GEMM applies to each element of C as it stores it (activation.h has the formulas).
+enum class Activation : int { none = 0, relu = 1, gelu = 2, gelu_tanh = 3 };
+
 // B (K, N) packed into panels of NR columns: panel p holds B[k, p*NR + j] at
 // data[p * K * NR + k * NR + j], zero-padded past N. NR is the target's (see gemm.cpp).
 struct PackedB {
@@ -87,9 +90,9 @@ struct Kernels {
   int nr;  // panel width of pack_b's layout
   // dst (packed_size(K, N) floats) = B (K, N) packed, b(k, n) = b[k * b_ks + n * b_ns].
   void (*pack_b)(float* dst, const float* b, int64_t b_ks, int64_t b_ns, int64_t K, int64_t N);
-  // C (M, N) = A (M, K) · B + bias (N, may be null); a(m, k) = a[m * a_rs + k * a_cs].
+  // C (M, N) = act(A (M, K) · B + bias (N, may be null)); a(m, k) = a[m * a_rs + k * a_cs].
   void (*gemm)(const OutMap& c, const float* a, int64_t a_rs, int64_t a_cs, const PackedB& b,
-               const float* bias, int64_t M);
+               const float* bias, Activation act, int64_t M);
   // out = softmax(x) over each row of n; rows apart by ld in both. out may equal x.
   void (*softmax)(float* out, const float* x, int64_t rows, int64_t n, int64_t ld);
   void (*attention)(const AttnArgs& args);

@@ -6,8 +6,9 @@
 // by the linker for the portable build.
 //
 // A target provides: V (a vector of W floats), vload/vstore (unaligned), vset1, vzero, vadd,
-// vsub, vmul, vfma (a*b + c), vmax, vmin, vclamp (keeps NaN), vhsum, vhmax, vtranspose (a
-// W × W block held in W vectors), and vexp; and with_rows, for the kernels' register tiles.
+// vsub, vmul, vdiv, vfma (a*b + c), vmax, vmin, vclamp (keeps NaN), vabs, vselect_nonneg
+// (x >= 0 ? a : b, lane by lane), vhsum, vhmax, vtranspose (a W × W block held in W vectors),
+// and vexp; and with_rows, for the kernels' register tiles.
 // Not here: anything that depends on a kernel's shapes; that lives in the kernel's own file.
 #pragma once
 
@@ -41,11 +42,16 @@ inline V vzero() { return _mm512_setzero_ps(); }
 inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
 inline V vsub(V a, V b) { return _mm512_sub_ps(a, b); }
 inline V vmul(V a, V b) { return _mm512_mul_ps(a, b); }
+inline V vdiv(V a, V b) { return _mm512_div_ps(a, b); }
 inline V vfma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
 inline V vmax(V a, V b) { return _mm512_max_ps(a, b); }
 inline V vmin(V a, V b) { return _mm512_min_ps(a, b); }
 // As with AVX2, max/min return their second operand when either is NaN: x goes second.
 inline V vclamp(V x, V lo, V hi) { return _mm512_min_ps(hi, _mm512_max_ps(lo, x)); }
+inline V vabs(V x) { return _mm512_abs_ps(x); }
+inline V vselect_nonneg(V x, V a, V b) {
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GE_OQ), b, a);
+}
 inline float vhsum(V v) { return _mm512_reduce_add_ps(v); }
 inline float vhmax(V v) { return _mm512_reduce_max_ps(v); }
 inline V vpow2i(V n) {
@@ -91,11 +97,16 @@ inline V vzero() { return _mm256_setzero_ps(); }
 inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
 inline V vsub(V a, V b) { return _mm256_sub_ps(a, b); }
 inline V vmul(V a, V b) { return _mm256_mul_ps(a, b); }
+inline V vdiv(V a, V b) { return _mm256_div_ps(a, b); }
 inline V vfma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
 inline V vmax(V a, V b) { return _mm256_max_ps(a, b); }
 inline V vmin(V a, V b) { return _mm256_min_ps(a, b); }
 // max/min return their second operand when either is NaN, so x goes second: NaN survives.
 inline V vclamp(V x, V lo, V hi) { return _mm256_min_ps(hi, _mm256_max_ps(lo, x)); }
+inline V vabs(V x) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x); }
+inline V vselect_nonneg(V x, V a, V b) {
+  return _mm256_blendv_ps(b, a, _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GE_OQ));
+}
 inline float vhsum(V v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -147,6 +158,7 @@ inline V vzero() { return V{}; }
 inline V vadd(V a, V b) { return a + b; }
 inline V vsub(V a, V b) { return a - b; }
 inline V vmul(V a, V b) { return a * b; }
+inline V vdiv(V a, V b) { return a / b; }
 inline V vfma(V a, V b, V c) { return a * b + c; }
 inline V vmax(V a, V b) { return a > b ? a : b; }
 inline V vmin(V a, V b) { return a < b ? a : b; }
@@ -154,6 +166,14 @@ inline V vclamp(V x, V lo, V hi) {
   V t = x < lo ? lo : x;  // comparisons with NaN are false, so NaN passes through
   return t > hi ? hi : t;
 }
+inline V vabs(V x) {
+  VI bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  bits &= 0x7fffffff;
+  std::memcpy(&x, &bits, sizeof x);
+  return x;
+}
+inline V vselect_nonneg(V x, V a, V b) { return x >= 0 ? a : b; }
 inline float vhsum(V v) { return (v[0] + v[2]) + (v[1] + v[3]); }
 inline float vhmax(V v) {
   float a = v[0] > v[1] ? v[0] : v[1], b = v[2] > v[3] ? v[2] : v[3];
