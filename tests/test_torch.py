@@ -36,6 +36,17 @@ def test_sdpa_gqa_matches_torch(isa, rng):
     assert_close(mhattn.scaled_dot_product_attention(q, k, v, enable_gqa=True), want, "torch")
 
 
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "silu"])
+def test_linear_activation_matches_torch(isa, rng, activation):
+    F = torch.nn.functional
+    act = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda y: F.gelu(y, approximate="tanh"),
+           "silu": F.silu}[activation]
+    x, w, b = (rng.standard_normal(s, dtype=np.float32) for s in ((37, 70), (45, 70), (45,)))
+    x *= 70 ** -0.5
+    want = act(F.linear(t(x), t(w), t(b))).numpy()
+    assert_close(mhattn.linear(x, w, b, activation=activation), want, "torch")
+
+
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("kdim,vdim", [(None, None), (24, 40)])

@@ -128,7 +128,7 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("target", &PackedB::target);
 
   // out (M, N) = act(a (M, K) · b + bias); out's rows may be strided, its columns contiguous.
-  // activation: 0 none, 1 relu, 2 gelu, 3 gelu_tanh (mhattn::Activation).
+  // activation: 0 none, 1 relu, 2 gelu, 3 gelu_tanh, 4 silu (mhattn::Activation).
   m.def("gemm", [](py::array out, const py::array& a, const PackedB& b, const py::object& bias,
                    int activation) {
     float* c = out_f32(out, "out", 2);
@@ -137,7 +137,7 @@ PYBIND11_MODULE(_core, m) {
     require(a.shape(1) == b.K && out.shape(0) == a.shape(0) && out.shape(1) == b.N &&
                 last_contiguous(out) && (!bs || py::cast<py::array>(bias).shape(0) == b.N),
             "gemm shapes");
-    require(activation >= 0 && activation <= 3, "gemm activation");
+    require(activation >= 0 && activation <= 4, "gemm activation");
     check_packed(b);
     const int64_t M = a.shape(0), a_rs = st(a, 0), a_cs = st(a, 1);
     const OutMap map = OutMap::row_major(c, M, b.N, st(out, 0));

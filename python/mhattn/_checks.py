@@ -225,7 +225,7 @@ def check_linear_weight(weight, bias):
 
 
 # The activations the GEMM applies as it stores (the codes of mhattn::Activation).
-ACTIVATION_CODES = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
+ACTIVATION_CODES = {None: 0, "relu": 1, "gelu": 2, "gelu_tanh": 3, "silu": 4}
 
 
 def activation_code(activation):

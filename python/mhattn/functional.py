@@ -58,9 +58,10 @@ def linear(x, weight, bias=None, activation=None):
     """activation(x (..., K) @ weight (N, K).T + bias (N)) -> (..., N), weight laid out as
     PyTorch stores it.
 
-    activation: None, "relu", "gelu" (exact, erf-based: BERT's and torch's default) or
-    "gelu_tanh" (the tanh approximation: GPT-2's). It is applied as the GEMM stores its output,
-    so it costs no extra pass over memory. mhattn.reference.activate defines each one.
+    activation: None, "relu", "gelu" (exact, erf-based: BERT's and torch's default),
+    "gelu_tanh" (the tanh approximation: GPT-2's) or "silu" (Llama's gate). It is applied as
+    the GEMM stores its output, so it costs no extra pass over memory; mhattn.reference.activate
+    defines each one.
 
     The weight is packed for the GEMM on every call; mhattn.Linear packs it once, which is what
     a model that calls the same layer again and again wants.

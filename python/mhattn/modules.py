@@ -37,8 +37,8 @@ class Linear:
     """activation(x (..., K) @ weight (N, K).T + bias (N)) -> (..., N), with the weight packed
     for the GEMM once, when the layer is built (mhattn.linear packs it on every call). weight
     is laid out as PyTorch stores it; the layer keeps read-only float32 copies as .weight and
-    .bias. activation is None, "relu", "gelu" or "gelu_tanh", applied as the GEMM stores its
-    output (see mhattn.linear)."""
+    .bias. activation is None, "relu", "gelu", "gelu_tanh" or "silu", applied as the GEMM
+    stores its output (see mhattn.linear)."""
 
     def __init__(self, weight, bias=None, activation=None):
         w, b = _checks.check_linear_weight(weight, bias)

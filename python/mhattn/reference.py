@@ -40,7 +40,8 @@ def activate(x, name):
 
     relu(x) = max(x, 0); gelu(x) = x Φ(x) with Φ the normal CDF (BERT's exact GELU);
     gelu_tanh(x) = x (1 + tanh(u)) / 2, u = √(2/π) (x + 0.044715 x³) (GPT-2's), written here
-    as x σ(2u), the same number without the cancellation of 1 + tanh(u) for negative u.
+    as x σ(2u), the same number without the cancellation of 1 + tanh(u) for negative u;
+    silu(x) = x σ(x) (Llama's gate). σ(y) = 1 / (1 + exp(-y)).
     At -inf each takes its limit, 0; NaN stays NaN.
     """
     x = np.asarray(x, np.float64)
@@ -52,16 +53,16 @@ def activate(x, name):
         phi = 0.5 * np.vectorize(math.erfc, otypes=[np.float64])(-x / math.sqrt(2.0))
         with np.errstate(invalid="ignore"):
             y = x * phi
-    elif name == "gelu_tanh":
-        u = math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)
+    elif name in ("gelu_tanh", "silu"):
         with np.errstate(over="ignore", invalid="ignore"):
-            y = x / (1.0 + np.exp(-2.0 * u))
+            s = 2.0 * math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3) if name == "gelu_tanh" else x
+            y = x / (1.0 + np.exp(-s))
     else:
         raise ValueError(f"activation must be one of {ACTIVATIONS}; got {name!r}")
     return np.where(np.isneginf(x), 0.0, np.where(np.isnan(x), np.nan, y))
 
 
-ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh")
+ACTIVATIONS = (None, "relu", "gelu", "gelu_tanh", "silu")
 
 
 def linear(x, weight, bias=None, activation=None):

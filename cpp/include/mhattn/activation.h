@@ -5,6 +5,7 @@
 //   relu(x)      = max(x, 0)
 //   gelu(x)      = x Φ(x) = x · erfc(-x / √2) / 2          (BERT, the exact form)
 //   gelu_tanh(x) = x (1 + tanh(u)) / 2 = x · σ(2u),  u = √(2/π) (x + 0.044715 x³)   (GPT-2)
+//   silu(x)      = x · σ(x)                                 (Llama's gate)
 //
 // Every one keeps NaN as NaN and takes its limit at ±inf: gelu(-inf) = -0, gelu(inf) = inf.
 #pragma once
@@ -47,12 +48,17 @@ inline V vgelu(V x) {
 
 // σ(y) = 1 / (1 + e^-y), computed from e = e^-|y| so that nothing overflows: σ(y) = 1 / (1 + e)
 // for y >= 0 and e / (1 + e) for y < 0.
-inline V vgelu_tanh(V x) {
-  const V y = vmul(vset1(1.5957691216057308f), vfma(vmul(vset1(0.044715f), x), vmul(x, x), x));
+inline V vsigmoid(V y) {
   const V e = vexp(vsub(vzero(), vabs(y)));
-  const V s = vdiv(vselect_nonneg(y, vset1(1.0f), e), vadd(vset1(1.0f), e));
-  return vmul(vfinite_below(x), s);
+  return vdiv(vselect_nonneg(y, vset1(1.0f), e), vadd(vset1(1.0f), e));
 }
+
+inline V vgelu_tanh(V x) {  // 2u = 2√(2/π) (x + 0.044715 x³)
+  const V two_u = vmul(vset1(1.5957691216057308f), vfma(vmul(vset1(0.044715f), x), vmul(x, x), x));
+  return vmul(vfinite_below(x), vsigmoid(two_u));
+}
+
+inline V vsilu(V x) { return vmul(vfinite_below(x), vsigmoid(x)); }
 
 // max(0, x) with x second, so NaN passes (see vclamp in simd.h).
 inline V vrelu(V x) { return vmax(vzero(), x); }
@@ -62,6 +68,7 @@ inline V vactivate(Activation act, V x) {
     case Activation::relu: return vrelu(x);
     case Activation::gelu: return vgelu(x);
     case Activation::gelu_tanh: return vgelu_tanh(x);
+    case Activation::silu: return vsilu(x);
     case Activation::none: break;
   }
   return x;

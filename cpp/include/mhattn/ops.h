@@ -37,7 +37,7 @@ struct OutMap {
 };
 
 // What the GEMM applies to each element of C as it stores it (activation.h has the formulas).
-enum class Activation : int { none = 0, relu = 1, gelu = 2, gelu_tanh = 3 };
+enum class Activation : int { none = 0, relu = 1, gelu = 2, gelu_tanh = 3, silu = 4 };
 
 // B (K, N) packed into panels of NR columns: panel p holds B[k, p*NR + j] at
 // data[p * K * NR + k * NR + j], zero-padded past N. NR is the target's (see gemm.cpp).
