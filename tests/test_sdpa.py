@@ -162,6 +162,28 @@ def test_decode_tiles_of_few_rows(isa, threads, rng, Hq, Hkv, L, E):
     check(q, ks, v, enable_gqa=True)
 
 
+@pytest.mark.parametrize("B,Hq,Hkv,L,S", [(1, 1, 1, 1, 1100), (1, 4, 1, 1, 2999), (2, 2, 2, 1, 1537),
+                                         (1, 2, 1, 2, 4100)])
+@pytest.mark.parametrize("E", [33, 128])
+def test_split_s_decode(isa, threads, rng, B, Hq, Hkv, L, S, E):
+    """Decode with too few heads to keep the threads busy splits the keys into chunks (split-S)
+    and merges their (max, sum, output): chunks that see no key, masks, windows, NaN."""
+    q, k, v = qkv(rng, B, Hq, Hkv, L, S, E)
+    kw = dict(enable_gqa=True)
+    check(q, k, v, **kw)
+    check(q, k, v, **kw, is_causal=True, causal_align="bottom_right", window=700)  # few chunks see keys
+    check(q, k, v, **kw, attn_mask=rng.standard_normal((S,), dtype=np.float32) * 3)
+    keep = np.zeros((B, 1, L, S), bool)
+    keep[..., S // 3: S // 3 + 5] = True  # one chunk sees five keys, the others none
+    check(q, k, v, **kw, attn_mask=keep)
+    got = mhattn.scaled_dot_product_attention(q, k, v, attn_mask=np.zeros((S,), bool), **kw)
+    assert np.all(got == 0)  # no key visible anywhere
+    k[0, 0, S - 1, 0] = np.nan  # the last chunk's NaN reaches every row of kv head 0
+    got = mhattn.scaled_dot_product_attention(q, k, v, **kw)
+    assert np.all(np.isnan(got[0, : Hq // Hkv]))
+    assert np.all(np.isfinite(got[1:])) and np.all(np.isfinite(got[0, Hq // Hkv:]))
+
+
 @pytest.mark.parametrize("Hq,Hkv,L,S", [(1, 1, 1100, 1030), (8, 1, 131, 300), (4, 2, 520, 77)])
 def test_many_tiles_per_head_pack_keys_once(isa, threads, rng, Hq, Hkv, L, S):
     """With at least 16 tiles of query rows per kv head, the key blocks are packed once per call."""

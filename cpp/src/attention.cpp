@@ -23,6 +23,10 @@
 // Two variants of step 1: tiles of at most kDirectRows rows (decode) pack nothing and read k
 // and v where they lie (qk_direct; decode is bound by reading them once), and heads with many
 // tiles have all their blocks packed once per call, before the tiles run.
+// Split-S: when a decode call has too few tiles to keep every thread busy (one sequence, few
+// kv heads), each tile's keys are cut into chunks that run as tasks of their own, each ending
+// with its rows' partial (m, l, O); a second pass merges them:
+//   m = max_c m_c,  l = Σ_c l_c · exp(m_c - m),  out = Σ_c O_c · exp(m_c - m) / l.
 #include <algorithm>
 
 #include "mhattn/ops.h"
@@ -49,6 +53,11 @@ constexpr int64_t kDirectRows = 4;
 constexpr int64_t kDirectBlockKeys = 1024;
 // Heads with at least this many tiles of BQ_MIN rows have their key blocks packed once per call.
 constexpr int64_t kPrepackTiles = 16;
+// Split-S: direct-path calls with fewer than kSplitTasksPerThread tasks per thread cut their
+// keys into chunks of at least kSplitMinKeys (a chunk then reads at least 256 KB of k and v at
+// E = 128, far more than the merge costs).
+constexpr int64_t kSplitTasksPerThread = 4;
+constexpr int64_t kSplitMinKeys = 512;
 // Keys per block: kt and vp (bk × (E + evp) floats) fill about 128 KB of the 1 MB L2 while the
 // tile's rows use them (each register tile's panels are contiguous, so L2 streams them well);
 // at least 64 keys (shorter blocks spend more on the per-block softmax bookkeeping; measured
@@ -193,6 +202,23 @@ struct Row {
 
 enum class Pass { Online, Stats, Final };
 
+// Where a tile's results go when its keys are split (split-S): only keys [lo, hi) are seen,
+// and each row i leaves m[i], l[i] and O (o + i·evp, not yet divided by l) for the merge.
+struct Partial {
+  int64_t lo, hi;
+  float *m, *l, *o;
+};
+
+// Row r of the G·L rows of (batch b, kv head kvh): query l = r / G of head kvh·G + r % G.
+inline int64_t row_query(const AttnArgs& a, int64_t r) { return r / (a.Hq / a.Hkv); }
+inline int64_t row_head(const AttnArgs& a, int64_t kvh, int64_t r) {
+  const int64_t G = a.Hq / a.Hkv;
+  return kvh * G + r % G;
+}
+inline float* row_out(const AttnArgs& a, int64_t b, int64_t kvh, int64_t r) {
+  return a.out + b * a.out_sb + row_head(a, kvh, r) * a.out_sh + row_query(a, r) * a.out_sl;
+}
+
 // Per-thread scratch of a tile, one slot each (threads.cpp): qs (bq × E), kt (E × bk_max),
 // vp (bk_max × evp), S (RM × bk_max: one register tile's rows), O (bq × evp), m and l (bq).
 struct Scratch {
@@ -293,8 +319,9 @@ void softmax_row(Pass pass, const AttnArgs& a, const Row& r, float* s, int64_t j
 void run_blocks(Pass pass, const AttnArgs& a, const Row* rows, int64_t R, const KeyBlocks& kb,
                 int64_t key_lo, int64_t key_hi, const Scratch& t) {
   const int64_t E = a.E, bk_max = kb.bk_max, evp = kb.evp;
-  for (int64_t j0 = key_lo / bk_max * bk_max; j0 < key_hi; j0 += bk_max) {
-    const int64_t bk = std::min(bk_max, a.S - j0), bkp = round_up(bk, KP);
+  // Packed blocks are fixed slices of S; the direct path reads exactly the keys it needs.
+  for (int64_t j0 = kb.direct ? key_lo : key_lo / bk_max * bk_max; j0 < key_hi; j0 += bk_max) {
+    const int64_t bk = std::min(bk_max, (kb.direct ? key_hi : a.S) - j0), bkp = round_up(bk, KP);
 
     // 1. kt = kᵀ of the block and vp = its v (or, on the direct path, k and v as they lie).
     const float *kt = t.kt, *vp = t.vp;
@@ -331,21 +358,26 @@ void run_blocks(Pass pass, const AttnArgs& a, const Row* rows, int64_t R, const 
   }
 }
 
-// out (and weights) of one task: batch b, kv head kvh, tile rows [r0, r0 + R) of the G·L rows.
+// out (and weights) of one task: batch b, kv head kvh, tile rows [r0, r0 + R) of the G·L rows;
+// with `part`, only its keys, and the partial results go to it instead.
 void attend_tile(const AttnArgs& a, int64_t b, int64_t kvh, int64_t r0, int64_t R,
-                 const KeyBlocks& kb, const Scratch& t) {
-  const int64_t G = a.Hq / a.Hkv, E = a.E, Ev = a.Ev, evp = kb.evp;
+                 const KeyBlocks& kb, const Scratch& t, const Partial* part) {
+  const int64_t E = a.E, Ev = a.Ev, evp = kb.evp;
   Row rows[BQ_MAX];
   int64_t key_lo = a.S, key_hi = 0;
   for (int64_t i = 0; i < R; ++i) {
-    const int64_t l = (r0 + i) / G, h = kvh * G + (r0 + i) % G;
+    const int64_t l = row_query(a, r0 + i), h = row_head(a, kvh, r0 + i);
     Row& r = rows[i];
     r.q = a.q + b * a.q_sb + h * a.q_sh + l * a.q_sl;
-    r.out = a.out + b * a.out_sb + h * a.out_sh + l * a.out_sl;
+    r.out = row_out(a, b, kvh, r0 + i);
     r.weights = a.weights ? a.weights + ((b * a.Hq + h) * a.L + l) * a.S : nullptr;
     const int64_t p = l + a.diag_offset;  // the row's diagonal in key positions
     r.lo = a.window > 0 ? std::max<int64_t>(0, p - a.window + 1) : 0;
     r.hi = a.causal ? p + 1 : (a.window > 0 ? p + a.window : a.S);
+    if (part) {
+      r.lo = std::max(r.lo, part->lo);
+      r.hi = std::min(r.hi, part->hi);
+    }
     r.hi = std::clamp<int64_t>(r.hi, r.lo, a.S);
     r.lo = std::min(r.lo, r.hi);
     for (int mi = 0; mi < 2; ++mi) {
@@ -371,9 +403,35 @@ void attend_tile(const AttnArgs& a, int64_t b, int64_t kvh, int64_t r0, int64_t 
     for (int64_t i = 0; i < R; ++i) std::copy(t.o + i * evp, t.o + i * evp + Ev, rows[i].out);
   } else {
     run_blocks(Pass::Online, a, rows, R, kb, key_lo, key_hi, t);
+    if (part) {
+      std::copy(t.m, t.m + R, part->m);
+      std::copy(t.l, t.l + R, part->l);
+      std::copy(t.o, t.o + R * evp, part->o);
+      return;
+    }
     for (int64_t i = 0; i < R; ++i)
       vec_scale(rows[i].out, t.o + i * evp, Ev, recip_or_zero(t.l[i]));
   }
+}
+
+// out (Ev) of one row from its `splits` partial results: chunk c's at m[c·ms], l[c·ms] and
+// o + c·os.
+void merge_row(float* out, int64_t Ev, int64_t splits, const float* m, const float* l,
+               int64_t ms, const float* o, int64_t os) {
+  float mx = -INFINITY;
+  for (int64_t c = 0; c < splits; ++c) mx = m[c * ms] > mx ? m[c * ms] : mx;
+  const float shift = mx == -INFINITY ? 0.0f : mx;  // nothing visible: every l is 0
+  float sum = 0.0f;
+  std::fill(out, out + Ev, 0.0f);
+  for (int64_t c = 0; c < splits; ++c) {
+    const float lc = l[c * ms];
+    if (lc == 0.0f) continue;  // a chunk with no visible key adds nothing (and its m is -inf)
+    const float w = expf(m[c * ms] - shift);
+    sum += lc * w;
+    const float* oc = o + c * os;
+    for (int64_t e = 0; e < Ev; ++e) out[e] += w * oc[e];
+  }
+  vec_scale(out, out, Ev, recip_or_zero(sum));
 }
 
 }  // namespace
@@ -398,7 +456,19 @@ void attention(const AttnArgs& a) {
   // core reads through L3 (measured with 64-row tiles: 2 tiles a head, pass 10-40% slower; 8,
   // even; 16, 7-20% faster).
   const bool prepack = !direct && (G * a.L + BQ_MIN - 1) / BQ_MIN >= kPrepackTiles && a.S > 0;
-  float* packed = prepack ? shared_scratch(a.B * a.Hkv * nblk * blk_floats) : nullptr;
+  // Split-S (file comment): chunks of `chunk` keys, `splits` per tile. Not with weights, whose
+  // second pass needs every row's final m and l.
+  int64_t splits = 1, chunk = a.S;
+  if (direct && !a.weights && nt > 1 && tasks < kSplitTasksPerThread * nt) {
+    const int64_t want = (kSplitTasksPerThread * nt + tasks - 1) / tasks;
+    chunk = std::max(kSplitMinKeys, round_up((a.S + want - 1) / want, W));
+    splits = std::max<int64_t>(1, (a.S + chunk - 1) / chunk);
+  }
+  const int64_t part_rows = tasks * splits * bq;  // partial results: m, l, then O (evp each)
+  float* parts = splits > 1 ? shared_scratch(part_rows * (2 + evp))
+               : prepack    ? shared_scratch(a.B * a.Hkv * nblk * blk_floats)
+                            : nullptr;
+  float* packed = prepack ? parts : nullptr;
   const double flops = 2.0 * a.B * a.Hq * a.L * a.S * (a.E + a.Ev);
 
   auto head_blocks = [&](int64_t b, int64_t kvh) {
@@ -413,7 +483,7 @@ void attention(const AttnArgs& a) {
     return kb;
   };
 
-#pragma omp parallel num_threads(nt) if (nt > 1 && tasks > 1 && flops > 1e5)
+#pragma omp parallel num_threads(nt) if (nt > 1 && tasks * splits > 1 && flops > 1e5)
   {
     if (prepack) {
 #pragma omp for schedule(static)
@@ -426,9 +496,12 @@ void attention(const AttnArgs& a) {
       }
     }
 #pragma omp for schedule(dynamic)
-    for (int64_t task = 0; task < tasks; ++task) {
+    for (int64_t job = 0; job < tasks * splits; ++job) {
+      const int64_t task = job / splits, c = job % splits;
       const int64_t b = task / (a.Hkv * tiles), kvh = task / tiles % a.Hkv;
       const int64_t r0 = task % tiles * bq, R = std::min(bq, G * a.L - r0);
+      Partial part{c * chunk, std::min(a.S, (c + 1) * chunk), parts + job * bq,
+                   parts + part_rows + job * bq, parts + 2 * part_rows + job * bq * evp};
       Scratch t;
       t.qs = thread_scratch(0, bq * a.E);
       t.kt = thread_scratch(1, a.E * round_up(bk_max, KP));
@@ -437,7 +510,19 @@ void attention(const AttnArgs& a) {
       t.o = thread_scratch(4, bq * evp);
       t.m = thread_scratch(5, bq);
       t.l = thread_scratch(6, bq);
-      attend_tile(a, b, kvh, r0, R, head_blocks(b, kvh), t);
+      attend_tile(a, b, kvh, r0, R, head_blocks(b, kvh), t, splits > 1 ? &part : nullptr);
+    }
+    if (splits > 1) {
+#pragma omp for schedule(static)
+      for (int64_t task = 0; task < tasks; ++task) {
+        const int64_t b = task / (a.Hkv * tiles), kvh = task / tiles % a.Hkv;
+        const int64_t r0 = task % tiles * bq, R = std::min(bq, G * a.L - r0);
+        const int64_t first = task * splits * bq;  // job task·splits, row 0
+        for (int64_t i = 0; i < R; ++i)
+          merge_row(row_out(a, b, kvh, r0 + i), a.Ev, splits, parts + first + i,
+                    parts + part_rows + first + i, bq,
+                    parts + 2 * part_rows + (first + i) * evp, bq * evp);
+      }
     }
   }
 }
