@@ -139,10 +139,10 @@ void qk_direct(int64_t R, float* s, int64_t lds, const float* qs, const float* k
     for (int64_t i = 0; i < R; ++i) {
       const float* q = qs + i * E;
       V acc[W];
-      for (int c = 0; c < W; ++c) acc[c] = vzero();
-      for (int64_t e = 0; e < Ew; e += W) {
-        const V x = vload(q + e);
-        for (int c = 0; c < W; ++c) acc[c] = vfma(x, vload(kj + c * k_ss + e), acc[c]);
+      for (int c = 0; c < W; ++c) {  // key by key: k is read in address order
+        const float* kc = kj + c * k_ss;
+        acc[c] = vzero();
+        for (int64_t e = 0; e < Ew; e += W) acc[c] = vfma(vload(q + e), vload(kc + e), acc[c]);
       }
       vtranspose(acc);  // acc[e][c]: lane c of every vector is key c's partial sums
       V dot = acc[0];

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 
 #include "mhattn/ops.h"
@@ -84,22 +85,28 @@ float* shared_scratch(int64_t n) {
 }
 
 double read_memory(const float* x, int64_t n) {
-  // Four running sums per thread keep several loads in flight; the sum itself is unused.
+  // Eight running sums of four floats per thread (SSE2 on x86-64, NEON on ARM, with no ISA
+  // flags) keep enough loads and adds in flight that memory, not the adds' latency, is the
+  // limit; scalar sums would cap one core near 20 GB/s. The sum itself is unused.
+  typedef float v4 __attribute__((vector_size(16)));
+  constexpr int64_t kChunk = 4096;  // floats per parallel iteration, a multiple of 32
   double total = 0.0;
   const int nt = num_threads();
 #pragma omp parallel for schedule(static) num_threads(nt) reduction(+ : total)
-  for (int64_t c = 0; c < (n + 4095) / 4096; ++c) {
-    float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-    const int64_t end = std::min<int64_t>(n, (c + 1) * 4096);
-    int64_t i = c * 4096;
-    for (; i + 4 <= end; i += 4) {
-      s0 += x[i];
-      s1 += x[i + 1];
-      s2 += x[i + 2];
-      s3 += x[i + 3];
-    }
-    for (; i < end; ++i) s0 += x[i];
-    total += (s0 + s1) + (s2 + s3);
+  for (int64_t c = 0; c < (n + kChunk - 1) / kChunk; ++c) {
+    v4 acc[8] = {};
+    const int64_t end = std::min<int64_t>(n, (c + 1) * kChunk);
+    int64_t i = c * kChunk;
+    for (; i + 32 <= end; i += 32)
+      for (int j = 0; j < 8; ++j) {
+        v4 t;
+        std::memcpy(&t, x + i + 4 * j, sizeof t);
+        acc[j] += t;
+      }
+    float s = 0.0f;
+    for (; i < end; ++i) s += x[i];
+    for (int j = 0; j < 8; ++j) s += (acc[j][0] + acc[j][1]) + (acc[j][2] + acc[j][3]);
+    total += s;
   }
   return total;
 }
