@@ -596,6 +596,24 @@ def add_flatness(results, bandwidth):
         res["mhattn"]["flat_ratio"] = (res["mhattn"]["median_s"] - extra / bandwidth / 1e9) / r0["mhattn"]["median_s"]
 
 
+# The sweep over head count at a fixed width must be flat: slowest H within this of the fastest.
+SWEEP_FLAT = 1.5
+
+
+def sweep_flatness(results, engines):
+    """For each sweep over head count at a fixed width ("heads, width ..."): every engine's
+    slowest median over its fastest. Returns [(group, {engine: ratio})]."""
+    out = []
+    for group in dict.fromkeys(c.group for c, _ in results if c.group.startswith("heads, width")):
+        ratios = {}
+        for e in engines:
+            times = [r[e]["median_s"] for c, r in results if c.group == group and "median_s" in r.get(e, {})]
+            if len(times) > 1:
+                ratios[e] = max(times) / min(times)
+        out.append((group, ratios))
+    return out
+
+
 def fmt_engine(r):
     if "skipped" in r:
         return "skipped"
@@ -739,7 +757,18 @@ def main(argv=None):
     for label, e in mismatches:
         print(f"MISMATCH: {e} disagrees with mhattn on {label}; its timing is marked", file=sys.stderr)
     missed = [c.label for c, res in results if (tm := target_met(c, res, bandwidth)) and not tm[0]]
-    print(f"\ntargets: {sum(1 for c, r in results if target_met(c, r, bandwidth))} checked, "
+    checked = sum(1 for c, r in results if target_met(c, r, bandwidth))
+    for group, ratios in sweep_flatness(results, engines):
+        if "mhattn" not in ratios:
+            continue
+        checked += 1
+        met = ratios["mhattn"] <= SWEEP_FLAT
+        if not met:
+            missed.append(f"{group}: flatness")
+        print(f"{group}, slowest H over fastest: "
+              + ", ".join(f"{e} {x:.2f}x" for e, x in ratios.items())
+              + f" | {'met' if met else 'MISSED'} ({SWEEP_FLAT}x flat: mhattn {ratios['mhattn']:.2f}x)")
+    print(f"\ntargets: {checked} checked, "
           f"{len(missed)} missed" + (f" ({'; '.join(missed)})" if missed else ""))
 
     if args.json:
