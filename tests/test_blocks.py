@@ -43,7 +43,12 @@ def test_linear_zero_sizes(rng):
     assert_close(got, np.ones((2, 3)), "gemm")
 
 
-ACTIVATIONS = ["relu", "gelu", "gelu_tanh", "silu"]
+ACTIVATIONS = [a for a in ref.ACTIVATIONS if a is not None]
+
+
+def test_activation_names_agree_with_the_reference():
+    from mhattn._checks import ACTIVATION_CODES
+    assert tuple(ACTIVATION_CODES) == ref.ACTIVATIONS
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)

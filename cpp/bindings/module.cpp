@@ -137,7 +137,8 @@ PYBIND11_MODULE(_core, m) {
     require(a.shape(1) == b.K && out.shape(0) == a.shape(0) && out.shape(1) == b.N &&
                 last_contiguous(out) && (!bs || py::cast<py::array>(bias).shape(0) == b.N),
             "gemm shapes");
-    require(activation >= 0 && activation <= 4, "gemm activation");
+    require(activation >= 0 && activation <= static_cast<int>(mhattn::Activation::silu),
+            "gemm activation");
     check_packed(b);
     const int64_t M = a.shape(0), a_rs = st(a, 0), a_cs = st(a, 1);
     const OutMap map = OutMap::row_major(c, M, b.N, st(out, 0));

@@ -464,12 +464,26 @@ void attention(const AttnArgs& a) {
     chunk = std::max(kSplitMinKeys, round_up((a.S + want - 1) / want, W));
     splits = std::max<int64_t>(1, (a.S + chunk - 1) / chunk);
   }
+  // One shared buffer serves either (split-S is for the direct path, prepacking is not).
+  float* packed = prepack ? shared_scratch(a.B * a.Hkv * nblk * blk_floats) : nullptr;
   const int64_t part_rows = tasks * splits * bq;  // partial results: m, l, then O (evp each)
-  float* parts = splits > 1 ? shared_scratch(part_rows * (2 + evp))
-               : prepack    ? shared_scratch(a.B * a.Hkv * nblk * blk_floats)
-                            : nullptr;
-  float* packed = prepack ? parts : nullptr;
+  float* parts = splits > 1 ? shared_scratch(part_rows * (2 + evp)) : nullptr;
   const double flops = 2.0 * a.B * a.Hq * a.L * a.S * (a.E + a.Ev);
+
+  // Task t: batch b, kv head kvh, rows [r0, r0 + R) of its G·L rows.
+  struct Tile {
+    int64_t b, kvh, r0, R;
+  };
+  auto tile_of = [&](int64_t task) {
+    const int64_t r0 = task % tiles * bq;
+    return Tile{task / (a.Hkv * tiles), task / tiles % a.Hkv, r0, std::min(bq, G * a.L - r0)};
+  };
+  // Job task·splits + c: chunk c of the task's keys, its rows' partial results side by side.
+  auto partial_of = [&](int64_t job) {
+    const int64_t c = job % splits;
+    return Partial{c * chunk, std::min(a.S, (c + 1) * chunk), parts + job * bq,
+                   parts + part_rows + job * bq, parts + 2 * part_rows + job * bq * evp};
+  };
 
   auto head_blocks = [&](int64_t b, int64_t kvh) {
     KeyBlocks kb;
@@ -497,11 +511,7 @@ void attention(const AttnArgs& a) {
     }
 #pragma omp for schedule(dynamic)
     for (int64_t job = 0; job < tasks * splits; ++job) {
-      const int64_t task = job / splits, c = job % splits;
-      const int64_t b = task / (a.Hkv * tiles), kvh = task / tiles % a.Hkv;
-      const int64_t r0 = task % tiles * bq, R = std::min(bq, G * a.L - r0);
-      Partial part{c * chunk, std::min(a.S, (c + 1) * chunk), parts + job * bq,
-                   parts + part_rows + job * bq, parts + 2 * part_rows + job * bq * evp};
+      const Tile tl = tile_of(job / splits);
       Scratch t;
       t.qs = thread_scratch(0, bq * a.E);
       t.kt = thread_scratch(1, a.E * round_up(bk_max, KP));
@@ -510,18 +520,18 @@ void attention(const AttnArgs& a) {
       t.o = thread_scratch(4, bq * evp);
       t.m = thread_scratch(5, bq);
       t.l = thread_scratch(6, bq);
-      attend_tile(a, b, kvh, r0, R, head_blocks(b, kvh), t, splits > 1 ? &part : nullptr);
+      const Partial part = splits > 1 ? partial_of(job) : Partial{};
+      attend_tile(a, tl.b, tl.kvh, tl.r0, tl.R, head_blocks(tl.b, tl.kvh), t,
+                  splits > 1 ? &part : nullptr);
     }
     if (splits > 1) {
 #pragma omp for schedule(static)
       for (int64_t task = 0; task < tasks; ++task) {
-        const int64_t b = task / (a.Hkv * tiles), kvh = task / tiles % a.Hkv;
-        const int64_t r0 = task % tiles * bq, R = std::min(bq, G * a.L - r0);
-        const int64_t first = task * splits * bq;  // job task·splits, row 0
-        for (int64_t i = 0; i < R; ++i)
-          merge_row(row_out(a, b, kvh, r0 + i), a.Ev, splits, parts + first + i,
-                    parts + part_rows + first + i, bq,
-                    parts + 2 * part_rows + (first + i) * evp, bq * evp);
+        const Tile tl = tile_of(task);
+        const Partial p0 = partial_of(task * splits);  // chunk 0; chunk c lies c·bq rows on
+        for (int64_t i = 0; i < tl.R; ++i)
+          merge_row(row_out(a, tl.b, tl.kvh, tl.r0 + i), a.Ev, splits, p0.m + i, p0.l + i, bq,
+                    p0.o + i * evp, bq * evp);
       }
     }
   }
