@@ -28,6 +28,18 @@ def test_linear_blocked_sizes_both_thread_counts(isa, threads, rng, M, N, K):
     assert_close(mhattn.linear(x, w, b), ref.linear(x, w, b), "gemm")
 
 
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7])
+@pytest.mark.parametrize("N", [257, 1000])
+def test_linear_few_rows_walk_several_panels_at_once(isa, threads, rng, M, N):
+    # At most one sliver of rows (a decode step) streams several panels of B side by side, as
+    # many as fit the registers, then fewer at the end of a task's run; N leaves an edge panel.
+    K = 300
+    x, w, b = mat(rng, M, K, scale=K ** -0.5), mat(rng, N, K), mat(rng, N)
+    assert_close(mhattn.linear(x, w, b), ref.linear(x, w, b), "gemm")
+    assert_close(mhattn.linear(x, w, b, activation="silu"), ref.linear(x, w, b, "silu"), "gemm")
+    assert_close(mhattn.linear(x[:, ::-1], w), ref.linear(x[:, ::-1], w), "gemm")
+
+
 def test_linear_strided_inputs_and_leading_axes(isa, rng):
     x = mat(rng, 4, 9, 80, scale=0.1)[:, ::2, ::2]   # (4, 5, 40), strided everywhere
     w = mat(rng, 40, 33).T                           # (33, 40) transposed view
