@@ -114,13 +114,17 @@ def test_softmax_masked_rows_and_nan(isa):
 
 
 def test_vector_exp_within_2_ulp(isa):
-    x = np.linspace(-87.3, 88.0, 200_003, dtype=np.float32)
-    got = _core._vexp(x)
-    want = np.exp(x.astype(np.float64))
-    ulp = np.abs(got - want) / np.spacing(want.astype(np.float32))
-    assert ulp.max() <= EXP_MAX_ULP
-    special = _core._vexp(np.array([-np.inf, -100.0, np.nan, 0.0, 1.0], np.float32))
+    # The whole range, and every float of magnitude in [2^-7, 2), where the range reduction
+    # and the polynomial's low-order terms matter most.
+    every = (np.arange(2 ** 24, dtype=np.uint32) + np.uint32(0x3C000000)).view(np.float32)
+    for x in (np.linspace(-87.3, 88.0, 2_000_003, dtype=np.float32), every, -every):
+        got = _core._vexp(x)
+        want = np.exp(x.astype(np.float64))
+        ulp = np.abs(got - want) / np.spacing(want.astype(np.float32))
+        assert ulp.max() <= EXP_MAX_ULP
+    special = _core._vexp(np.array([-np.inf, -100.0, np.nan, 0.0, 1.0, 89.0, np.inf], np.float32))
     assert special[0] == 0 and special[1] == 0 and np.isnan(special[2]) and special[3] == 1
+    assert special[5] == special[6] == _core._vexp(np.array([88.0], np.float32))[0]
 
 
 def test_linear_layer_packs_once_and_matches_reference(isa, rng):

@@ -54,13 +54,31 @@ inline V vselect_nonneg(V x, V a, V b) {
 }
 inline float vhsum(V v) { return _mm512_reduce_add_ps(v); }
 inline float vhmax(V v) { return _mm512_reduce_max_ps(v); }
-inline V vpow2i(V n) {
-  __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
-}
-inline V vround(V x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
-inline V vzero_below(V x, V lo, V r) {
-  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~_mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ)), r);
+// exp(x), with the same contract as the other targets' vexp below (within 2 ulp on
+// [-87.3, 88], 0 below, exp(88) above, NaN stays NaN), in 15 instructions rather than 20:
+// exp(x) = 2^floor(k/16) · 2^(j/16) · exp(r), with k = round(x · 16/ln2), j = k mod 16 and
+// r = x - k · ln2/16 in [-ln2/32, ln2/32]. 2^(j/16) comes from a table held in one register
+// (vpermps reads the low four bits of k), 2^floor(k/16) from vscalefps, which scales by the
+// floor of its second operand; on so short an interval exp(r) - 1 = r + r²/2 + r³/6 to
+// within 1e-8. ln2/16 is split as for the other targets (0.693359375 / 16, exact in float).
+inline V vexp(V x) {
+  const V table = _mm512_setr_ps(
+      1.0f, 1.0442737340927124f, 1.0905077457427979f, 1.1387885808944702f, 1.1892070770263672f,
+      1.2418577671051025f, 1.2968395948410034f, 1.3542555570602417f, 1.4142135381698608f,
+      1.4768261909484863f, 1.5422108173370361f, 1.610490322113037f, 1.6817928552627563f,
+      1.7562521696090698f, 1.8340080976486206f, 1.9152065515518188f);
+  // Lanes below -87.33654 become 0 at the end; those with NaN keep it (the unordered compare).
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_NLT_UQ);
+  const V xc = _mm512_min_ps(_mm512_set1_ps(88.0f), x);  // NaN passes through min's 2nd operand
+  const V k = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(23.083120654223414f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  V r = _mm512_fmadd_ps(k, _mm512_set1_ps(-0.0433349609375f), xc);
+  r = _mm512_fmadd_ps(k, _mm512_set1_ps(1.3262152503e-5f), r);
+  const V poly = _mm512_fmadd_ps(r, _mm512_set1_ps(1.0f / 6), _mm512_set1_ps(0.5f));
+  const V q = _mm512_fmadd_ps(_mm512_mul_ps(r, r), poly, r);  // exp(r) - 1
+  const V t = _mm512_permutexvar_ps(_mm512_cvtps_epi32(k), table);
+  const V p = _mm512_fmadd_ps(t, q, t);  // 2^(j/16) · exp(r)
+  return _mm512_maskz_scalef_ps(keep, p, _mm512_mul_ps(k, _mm512_set1_ps(1.0f / 16)));
 }
 // r[i][j] becomes r[j][i], 16 × 16: transpose the 4 × 4 blocks inside each 128-bit lane
 // (unpack, shuffle), then move the lanes into place (two rounds of shuffle_f32x4).
@@ -205,6 +223,7 @@ inline void vtranspose(V r[4]) {
 
 #endif
 
+#if !defined(MHATTN_SIMD_AVX512)
 // exp(x) in float32, within 2 ulp of the true value for x in [-87.3, 88]; 0 below that
 // (so exp(-inf) is exactly 0), exp(88) above; NaN stays NaN.
 // exp(x) = 2^n * exp(r) with n = round(x / ln2) and r = x - n ln2 in [-ln2/2, ln2/2];
@@ -225,6 +244,7 @@ inline V vexp(V x) {
   p = vfma(p, vmul(r, r), vadd(r, vset1(1.0f)));
   return vzero_below(x, lo, vmul(p, vpow2i(n)));
 }
+#endif
 
 // f(std::integral_constant<int, r>) for a run-time row count 1 <= r <= MAX: the register tiles
 // take their rows as a template argument, and the last sliver of a block has fewer.
