@@ -91,6 +91,23 @@ def test_fully_masked_row_gives_zeros(isa, rng):
     assert np.all(got[:, :, 4] == 0)
 
 
+@pytest.mark.parametrize("S", [64, 300])
+def test_masks_hide_the_largest_scores(isa, rng, S):
+    # The keys a mask hides score 400 above the ones it keeps: a row max taken before masking
+    # would make every kept key's exp underflow to 0 and the row come out as zeros.
+    L, E = 20, 16
+    q = np.full((1, 2, L, E), 10.0, np.float32)
+    k = np.zeros((1, 2, S, E), np.float32)
+    k[..., ::3, :] = 10.0
+    v = rng.standard_normal((1, 2, S, E), dtype=np.float32)
+    keep = np.ones(S, bool)
+    keep[::3] = False
+    want = v[:, :, keep].mean(axis=2, keepdims=True)
+    for mask in (keep, np.where(keep, 0.0, -1000.0).astype(np.float32)):
+        got = check(q, k, v, attn_mask=mask)
+        assert_close(got, np.broadcast_to(want, got.shape), "attention")
+
+
 def test_scale(isa, rng):
     q, k, v = qkv(rng, 1, 2, 2, 9, 11, 16)
     check(q, k, v, scale=0.37)

@@ -79,9 +79,12 @@ int64_t tile_rows(int64_t heads, int64_t rows_per_head, int64_t E, int64_t bk, i
   return bq;
 }
 
-// s (R × NV·W, rows apart by lds) = qs (R × E) · kt (E × NV·W, rows apart by ldk).
+// s (R × NV·W, rows apart by lds) = qs (R × E) · kt (E × NV·W, rows apart by ldk); mx[i]
+// becomes the lane-wise max of mx[i] and row i of the tile, so step 4 needs no pass of its own
+// to find a row's max when nothing masks it.
 template <int R, int NV>
-void qk_tile(float* s, int64_t lds, const float* qs, const float* kt, int64_t ldk, int64_t E) {
+void qk_tile(float* s, int64_t lds, const float* qs, const float* kt, int64_t ldk, int64_t E,
+             V* mx) {
   V acc[R][NV];
   for (int i = 0; i < R; ++i)
     for (int c = 0; c < NV; ++c) acc[i][c] = vzero();
@@ -94,7 +97,10 @@ void qk_tile(float* s, int64_t lds, const float* qs, const float* kt, int64_t ld
     }
   }
   for (int i = 0; i < R; ++i)
-    for (int c = 0; c < NV; ++c) vstore(s + i * lds + c * W, acc[i][c]);
+    for (int c = 0; c < NV; ++c) {
+      vstore(s + i * lds + c * W, acc[i][c]);
+      mx[i] = vmax(mx[i], acc[i][c]);
+    }
 }
 
 // o (R × NV·W, rows apart by ldo) += p (R × bk, rows apart by ldp) · vp (bk × NV·W, ldv).
@@ -117,13 +123,17 @@ void pv_tile(float* o, int64_t ldo, const float* p, int64_t ldp, const float* vp
 }
 
 // s (R × bkp) = qs (R × E) · kt, kt in panels of KP keys (panel j / KP at kt + j·E, E × KP),
-// for any R ≤ RM; bkp is a multiple of KP.
+// for any R ≤ RM; bkp is a multiple of KP. row_max[i] = max_j s[i][j].
 template <int R>
-void qk_rows(float* s, const float* qs, const float* kt, int64_t bkp, int64_t E) {
-  for (int64_t j = 0; j < bkp; j += KP) qk_tile<R, 2>(s + j, bkp, qs, kt + j * E, KP, E);
+void qk_rows(float* s, float* row_max, const float* qs, const float* kt, int64_t bkp, int64_t E) {
+  V mx[R];
+  for (int i = 0; i < R; ++i) mx[i] = vset1(-INFINITY);
+  for (int64_t j = 0; j < bkp; j += KP) qk_tile<R, 2>(s + j, bkp, qs, kt + j * E, KP, E, mx);
+  for (int i = 0; i < R; ++i) row_max[i] = vhmax(mx[i]);
 }
-void qk(int64_t R, float* s, const float* qs, const float* kt, int64_t bkp, int64_t E) {
-  with_rows<RM>(R, [&](auto r) { qk_rows<decltype(r)::value>(s, qs, kt, bkp, E); });
+void qk(int64_t R, float* s, float* row_max, const float* qs, const float* kt, int64_t bkp,
+        int64_t E) {
+  with_rows<RM>(R, [&](auto r) { qk_rows<decltype(r)::value>(s, row_max, qs, kt, bkp, E); });
 }
 
 // s (R × bk, rows apart by lds) = qs (R × E) · kᵀ, reading the bk rows of k (k_ss apart) where
@@ -277,16 +287,19 @@ void pack_values(float* vp, const AttnArgs& a, const KeyBlocks& kb, int64_t j0, 
 }
 
 // Steps 3 and 4 for one row r of the tile, its scores s (bkp of them, for keys j0 ..) in hand;
-// m, l and o (evp) are the row's running max, sum and output.
-void softmax_row(Pass pass, const AttnArgs& a, const Row& r, float* s, int64_t j0, int64_t bk,
-                 int64_t bkp, float& m, float& l, float* o, int64_t evp) {
+// m, l and o (evp) are the row's running max, sum and output. s_max, when not null, is the
+// max of the scores before masking (qk_rows), used if step 3 changes none of them.
+void softmax_row(Pass pass, const AttnArgs& a, const Row& r, float* s, const float* s_max,
+                 int64_t j0, int64_t bk, int64_t bkp, float& m, float& l, float* o, int64_t evp) {
   // 3. bounds and masks.
+  bool masked = bk < bkp || r.lo > j0 || r.hi < j0 + bk;
   for (int64_t j = bk; j < bkp; ++j) s[j] = -INFINITY;
   if (r.lo > j0 || r.hi < j0 + bk)
     for (int64_t j = 0; j < bk; ++j)
       if (j0 + j < r.lo || j0 + j >= r.hi) s[j] = -INFINITY;
   for (int mi = 0; mi < 2; ++mi) {
     const MaskArg& mk = a.masks[mi];
+    masked = masked || mk.kind != 0;
     if (mk.kind == 1) {
       const uint8_t* mr = static_cast<const uint8_t*>(r.mask[mi]) + j0 * mk.ss;
       for (int64_t j = 0; j < bk; ++j)
@@ -304,7 +317,7 @@ void softmax_row(Pass pass, const AttnArgs& a, const Row& r, float* s, int64_t j
     if (r.weights) std::copy(s, s + bk, r.weights + j0);
     return;
   }
-  const float mx = vec_max(s, bkp);
+  const float mx = s_max && !masked ? *s_max : vec_max(s, bkp);
   const float m_new = mx > m ? mx : m;
   const float shift = m_new == -INFINITY ? 0.0f : m_new;  // all masked so far: P = 0
   const float alpha = expf(m - shift);
@@ -344,14 +357,15 @@ void run_blocks(Pass pass, const AttnArgs& a, const Row* rows, int64_t R, const 
     for (int64_t i0 = 0; i0 < R; i0 += RM) {
       const int64_t rr = std::min<int64_t>(RM, R - i0);
       // 2. S = qs · kt for these rows.
+      float s_max[RM];
       if (kb.direct)
         qk_direct(rr, t.s, bkp, t.qs + i0 * E, kb.k + j0 * a.k_ss, a.k_ss, bk, E);
       else
-        qk(rr, t.s, t.qs + i0 * E, kt, bkp, E);
+        qk(rr, t.s, s_max, t.qs + i0 * E, kt, bkp, E);
       // 3, 4.
       for (int64_t i = 0; i < rr; ++i)
-        softmax_row(pass, a, rows[i0 + i], t.s + i * bkp, j0, bk, bkp, t.m[i0 + i], t.l[i0 + i],
-                    t.o + (i0 + i) * evp, evp);
+        softmax_row(pass, a, rows[i0 + i], t.s + i * bkp, kb.direct ? nullptr : s_max + i, j0,
+                    bk, bkp, t.m[i0 + i], t.l[i0 + i], t.o + (i0 + i) * evp, evp);
       // 5. O += P · vp.
       if (pass != Pass::Stats) pv(rr, t.o + i0 * evp, t.s, bkp, vp, ldv, evp, bk);
     }
