@@ -74,8 +74,8 @@ void pack_a(float* ap, const float* a, int64_t rs, int64_t cs, int64_t mc, int64
 // A product of at most MR rows (a decode step) reads each panel of B once, from memory. One
 // sequential stream per core leaves memory bandwidth unused, so such a product walks up to P
 // panels side by side, as many as there are accumulator registers for: R·P·NV of them.
-// Measured in one run on 1×4096→4096 (64 MB of B), 2 threads: 0.74× NumPy with one panel at a time,
-// 1.04× with 2, 1.10× with 4, 1.16× with 8 (AVX-512).
+// Measured in one run on 1×4096→4096 (64 MB of B), 2 threads: 0.74× NumPy with one panel at a
+// time, 1.04× with 2, 1.10× with 4, 1.16× with 8 (AVX-512).
 constexpr int kAccumulators = W == 16 ? 16 : 8;
 constexpr int stream_panels(int64_t rows) {
   int p = 1;
@@ -84,8 +84,9 @@ constexpr int stream_panels(int64_t rows) {
 }
 
 // Stores an R × NR tile of C: C[m0 : m0+R, n0 : n0+ncols] (+)= t, plus bias when `first` (the
-// first KC step writes, later ones add), then act when `last` (the last KC step). crow[i] is
-// C's row m0 + i (OutMap::row, worked out once per task), so the store needs no division.
+// first KC step writes, later ones add), then act (Activation::none but on the last KC step).
+// crow[i] is C's row m0 + i (OutMap::row, worked out once per task), so the store needs no
+// division.
 template <int R>
 void store_tile(const V (&t)[R][NV], const OutMap& c, float* const* crow, int64_t n0,
                 int64_t ncols, const float* bias, bool first, Activation act) {
@@ -148,7 +149,8 @@ void micro_kernel(int64_t kc, const float* ap, const float* bp, int64_t b_step, 
   }
 }
 
-// The first `panels` of the powers of two P, P/2, ..., 1 that fit: f(P', p) for P' panels from p.
+// Panels [p, p1) in groups: as many groups of P as fit, then of P/2, ..., then single panels;
+// f(P', p) runs the P' panels from p.
 template <int P, class F>
 void walk_panels(int64_t p, int64_t p1, F&& f) {
   for (; p + P <= p1; p += P) f(std::integral_constant<int, P>{}, p);
@@ -246,9 +248,9 @@ void gemm(const OutMap& c, const float* a, int64_t a_rs, int64_t a_cs, const Pac
       for (int64_t p = p0; p < p1; ++p)
         for (int64_t i0 = 0; i0 < rows; i0 += MR)
           with_rows<MR>(std::min<int64_t>(MR, rows - i0), [&](auto r) {
-            micro_kernel<decltype(r)::value, 1>(kc, ap + i0 * kc, b.data.data() + p * K * NR + k0 * NR,
-                                                K * NR, c, crow + i0, p * NR, N, bias, k0 == 0,
-                                                step_act);
+            const float* bp = b.data.data() + p * K * NR + k0 * NR;
+            micro_kernel<decltype(r)::value, 1>(kc, ap + i0 * kc, bp, K * NR, c, crow + i0, p * NR,
+                                                N, bias, k0 == 0, step_act);
           });
     }
   }
