@@ -73,7 +73,6 @@ class GPT2:
         return self.lm_head(layer_norm(x, *self.norm_f, self.eps))
 
 
-
 def main():
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -87,7 +87,6 @@ class Llama:
         return self.head(rms_norm(x, self.norm, self.eps))
 
 
-
 def small_random_llama(seed=0):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

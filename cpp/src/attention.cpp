@@ -4,9 +4,9 @@
 // a time against blocks of keys with the online softmax (a running max m and sum l per row),
 // so the L × S scores are never stored unless the weights are asked for.
 //
-// Tasks are (b, kv head, tile of bq rows, tile_rows()). The rows of a tile are the (l, g) pairs of the
-// G = Hq / Hkv query heads that share the kv head, l-major: with grouped-query attention every
-// key block is loaded once for all the heads that read it. Per tile and block of bk keys:
+// Tasks are (b, kv head, tile of bq rows, tile_rows()). The rows of a tile are the (l, g) pairs
+// of the G = Hq / Hkv query heads that share the kv head, l-major: with grouped-query attention
+// every key block is loaded once for all the heads that read it. Per tile and block of bk keys:
 //   1. kt = kᵀ of the block in panels of 2W keys (E × 2W each, as gemm.cpp packs B), keys
 //      padded with zeros to bkp, a multiple of 2W
 //   2. S (R × bkp) = qs · kt, where qs (R × E) holds the tile's query rows times scale
@@ -71,7 +71,8 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 // Rows per tile: the tallest of BQ_MAX, ..., BQ_MIN (halving) whose tile fits kTileBytes and
 // that still leaves four tasks per thread for the dynamic schedule to balance.
-int64_t tile_rows(int64_t heads, int64_t rows_per_head, int64_t E, int64_t bk, int64_t evp, int nt) {
+int64_t tile_rows(int64_t heads, int64_t rows_per_head, int64_t E, int64_t bk, int64_t evp,
+                  int nt) {
   int64_t bq = BQ_MAX;
   while (bq > BQ_MIN && ((bq + bk) * (E + evp) * 4 > kTileBytes ||
                          heads * ((rows_per_head + bq - 1) / bq) < 4 * nt))
@@ -292,9 +293,10 @@ void pack_values(float* vp, const AttnArgs& a, const KeyBlocks& kb, int64_t j0, 
 void softmax_row(Pass pass, const AttnArgs& a, const Row& r, float* s, const float* s_max,
                  int64_t j0, int64_t bk, int64_t bkp, float& m, float& l, float* o, int64_t evp) {
   // 3. bounds and masks.
-  bool masked = bk < bkp || r.lo > j0 || r.hi < j0 + bk;
+  const bool cut = r.lo > j0 || r.hi < j0 + bk;  // the row's bounds leave out part of the block
+  bool masked = bk < bkp || cut;
   for (int64_t j = bk; j < bkp; ++j) s[j] = -INFINITY;
-  if (r.lo > j0 || r.hi < j0 + bk)
+  if (cut)
     for (int64_t j = 0; j < bk; ++j)
       if (j0 + j < r.lo || j0 + j >= r.hi) s[j] = -INFINITY;
   for (int mi = 0; mi < 2; ++mi) {

@@ -38,7 +38,9 @@ struct Scratch {
 };
 }  // namespace
 
-int threads_setting() { return g_forked_child.load(std::memory_order_relaxed) ? 1 : g_threads.load(); }
+int threads_setting() {
+  return g_forked_child.load(std::memory_order_relaxed) ? 1 : g_threads.load();
+}
 
 int num_threads() {
   const int n = threads_setting();

@@ -2,7 +2,8 @@
 
 A C++ core (SIMD chosen at run time, OpenMP threads) behind a NumPy API that follows PyTorch:
 scaled_dot_product_attention, MultiHeadAttention (with KVCache for decoding), and the building
-blocks softmax, linear (and Linear, its weight packed once) and matmul. mhattn.reference defines every op in plain NumPy.
+blocks softmax, linear (and Linear, its weight packed once) and matmul. mhattn.reference
+defines every op in plain NumPy.
 Everything computes in float32; see the README for the numeric policy.
 """
 
