@@ -210,6 +210,22 @@ def test_many_tiles_per_head_pack_keys_once(isa, threads, rng, Hq, Hkv, L, S):
     check(q, k, v, enable_gqa=True, attn_mask=rng.random((L, S)) < 0.6, window=200)
 
 
+@pytest.mark.parametrize("Hq,Hkv,L,S,E,Ev", [(2, 2, 37, 300, 12, 12), (4, 2, 100, 77, 8, 5),
+                                              (3, 1, 19, 261, 33, 47), (1, 1, 300, 129, 96, 17),
+                                              (2, 1, 16, 1000, 64, 64), (1, 1, 40, 50, 768, 40)])
+def test_rows_in_vector_lanes(isa, threads, rng, Hq, Hkv, L, S, E, Ev):
+    """Without masks or weights, AVX-512 puts 16 query rows in the lanes of a vector: rows not a
+    multiple of 16, key blocks that end inside a register tile, Ev over several register tiles,
+    GQA rows of several heads in one vector, every causal and window bound, rows that see no
+    key (bottom-right with L > S)."""
+    q, k, v = qkv(rng, 2, Hq, Hkv, L, S, E, Ev)
+    check(q, k, v, enable_gqa=True)
+    check(q, k, v, enable_gqa=True, is_causal=True)
+    check(q, k, v, enable_gqa=True, is_causal=True, causal_align="bottom_right")
+    check(q, k, v, enable_gqa=True, window=45)
+    check(q, k, v, enable_gqa=True, is_causal=True, causal_align="bottom_right", window=130)
+
+
 @pytest.mark.parametrize("where", ["query", "key", "value"])
 @pytest.mark.parametrize("value", [np.inf, -np.inf])
 def test_inf_input_gives_what_the_reference_gives(isa, rng, where, value):
