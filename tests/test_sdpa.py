@@ -214,16 +214,22 @@ def test_many_tiles_per_head_pack_keys_once(isa, threads, rng, Hq, Hkv, L, S):
                                               (3, 1, 19, 261, 33, 47), (1, 1, 300, 129, 96, 17),
                                               (2, 1, 16, 1000, 64, 64), (1, 1, 40, 50, 768, 40)])
 def test_rows_in_vector_lanes(isa, threads, rng, Hq, Hkv, L, S, E, Ev):
-    """Without masks or weights, AVX-512 puts 16 query rows in the lanes of a vector: rows not a
-    multiple of 16, key blocks that end inside a register tile, Ev over several register tiles,
-    GQA rows of several heads in one vector, every causal and window bound, rows that see no
-    key (bottom-right with L > S)."""
+    """Without weights or masks per query, AVX-512 puts 16 query rows in the lanes of a vector:
+    rows not a multiple of 16, key blocks that end inside a register tile, Ev over several
+    register tiles, GQA rows of several heads in one vector, every causal and window bound, rows
+    that see no key (bottom-right with L > S), masks of one value per key (per head too, which
+    takes the lanes path only without GQA)."""
     q, k, v = qkv(rng, 2, Hq, Hkv, L, S, E, Ev)
     check(q, k, v, enable_gqa=True)
     check(q, k, v, enable_gqa=True, is_causal=True)
     check(q, k, v, enable_gqa=True, is_causal=True, causal_align="bottom_right")
     check(q, k, v, enable_gqa=True, window=45)
     check(q, k, v, enable_gqa=True, is_causal=True, causal_align="bottom_right", window=130)
+    padding = rng.random((2, 1, 1, S)) < 0.8
+    check(q, k, v, enable_gqa=True, attn_mask=padding, is_causal=True)
+    check(q, k, v, enable_gqa=True, attn_mask=rng.standard_normal(S, dtype=np.float32) * 3)
+    per_head = rng.standard_normal((2, Hq, 1, S), dtype=np.float32) * 3
+    check(q, k, v, enable_gqa=True, attn_mask=per_head, window=45)
 
 
 @pytest.mark.parametrize("where", ["query", "key", "value"])

@@ -23,8 +23,8 @@
 // Two variants of step 1: tiles of at most kDirectRows rows (decode) pack nothing and read k
 // and v where they lie (qk_direct; decode is bound by reading them once), and heads with many
 // tiles have all their blocks packed once per call, before the tiles run.
-// On AVX-512, tiles with neither masks nor weights take the lanes path instead (below
-// merge_row): W query rows at a time, one per lane of a vector, with k and v read in place.
+// On AVX-512, tiles without weights to write or masks per query take the lanes path instead
+// (below merge_row): W query rows at a time, one per lane of a vector, k and v read in place.
 // Split-S: when a decode call has too few tiles to keep every thread busy (one sequence, few
 // kv heads), each tile's keys are cut into chunks that run as tasks of their own, each ending
 // with its rows' partial (m, l, O); a second pass merges them:
@@ -233,18 +233,28 @@ inline float* row_out(const AttnArgs& a, int64_t b, int64_t kvh, int64_t r) {
   return a.out + b * a.out_sb + row_head(a, kvh, r) * a.out_sh + row_query(a, r) * a.out_sl;
 }
 
-// Keys [lo, hi) that query l may see before masks: its causal and window bounds, cut to
-// [lo_cap, hi_cap). An empty range has lo = hi.
-struct Bounds {
-  int64_t lo, hi;
-};
-Bounds row_bounds(const AttnArgs& a, int64_t l, int64_t lo_cap, int64_t hi_cap) {
+// Row r of the G·L rows of (batch b, kv head kvh). Its keys [lo, hi) are its causal and window
+// bounds, cut to part's keys when part is given; an empty range has lo = hi.
+Row make_row(const AttnArgs& a, int64_t b, int64_t kvh, int64_t r, const Partial* part) {
+  const int64_t l = row_query(a, r), h = row_head(a, kvh, r);
+  Row row;
+  row.q = a.q + b * a.q_sb + h * a.q_sh + l * a.q_sl;
+  row.out = row_out(a, b, kvh, r);
+  row.weights = a.weights ? a.weights + ((b * a.Hq + h) * a.L + l) * a.S : nullptr;
   const int64_t p = l + a.diag_offset;  // the row's diagonal in key positions
   int64_t lo = a.window > 0 ? p - a.window + 1 : 0;
   int64_t hi = a.causal ? p + 1 : (a.window > 0 ? p + a.window : a.S);
-  hi = std::clamp<int64_t>(std::min(hi, hi_cap), 0, a.S);
-  lo = std::clamp<int64_t>(std::max(lo, lo_cap), 0, hi);
-  return {lo, hi};
+  hi = std::clamp<int64_t>(std::min(hi, part ? part->hi : a.S), 0, a.S);
+  row.lo = std::clamp<int64_t>(std::max(lo, part ? part->lo : 0), 0, hi);
+  row.hi = hi;
+  for (int mi = 0; mi < 2; ++mi) {
+    const MaskArg& mk = a.masks[mi];
+    const int64_t off = b * mk.sb + h * mk.sh + l * mk.sl;
+    row.mask[mi] = mk.kind == 1   ? static_cast<const void*>(static_cast<const uint8_t*>(mk.data) + off)
+                   : mk.kind == 2 ? static_cast<const void*>(static_cast<const float*>(mk.data) + off)
+                                  : nullptr;
+  }
+  return row;
 }
 
 // Per-thread scratch of a tile, one slot each (threads.cpp): qs (bq × E), kt (E × bk_max),
@@ -399,21 +409,7 @@ void attend_tile(const AttnArgs& a, int64_t b, int64_t kvh, int64_t r0, int64_t 
   Row rows[BQ_MAX];
   int64_t key_lo = a.S, key_hi = 0;
   for (int64_t i = 0; i < R; ++i) {
-    const int64_t l = row_query(a, r0 + i), h = row_head(a, kvh, r0 + i);
-    Row& r = rows[i];
-    r.q = a.q + b * a.q_sb + h * a.q_sh + l * a.q_sl;
-    r.out = row_out(a, b, kvh, r0 + i);
-    r.weights = a.weights ? a.weights + ((b * a.Hq + h) * a.L + l) * a.S : nullptr;
-    const Bounds bd = row_bounds(a, l, part ? part->lo : 0, part ? part->hi : a.S);
-    r.lo = bd.lo;
-    r.hi = bd.hi;
-    for (int mi = 0; mi < 2; ++mi) {
-      const MaskArg& mk = a.masks[mi];
-      const int64_t off = b * mk.sb + h * mk.sh + l * mk.sl;
-      r.mask[mi] = mk.kind == 1   ? static_cast<const void*>(static_cast<const uint8_t*>(mk.data) + off)
-                   : mk.kind == 2 ? static_cast<const void*>(static_cast<const float*>(mk.data) + off)
-                                  : nullptr;
-    }
+    const Row& r = rows[i] = make_row(a, b, kvh, r0 + i, part);
     if (r.lo < r.hi) {
       key_lo = std::min(key_lo, r.lo);
       key_hi = std::max(key_hi, r.hi);
@@ -462,8 +458,8 @@ void merge_row(float* out, int64_t Ev, int64_t splits, const float* m, const flo
 }
 
 // ---------------------------------------------------------------------------------------------
-// The lanes path, for tiles with neither masks nor weights: a tile's rows go W at a time, one
-// row per lane of a vector. For such a group of rows and a block of keys j:
+// The lanes path, for tiles without weights to write or masks per query: a tile's rows go W at
+// a time, one row per lane of a vector. For such a group of rows and a block of keys j:
 //   sT[j] (W) = Σ_e qT[e] · k[j][e], where qT (E × W) holds the rows' q times scale
 //   m' = max(m, max_j sT[j]), P[j] = exp(sT[j] - m'), l = l · exp(m - m') + Σ_j P[j]
 //   oT[e] (W) = oT[e] · exp(m - m') + Σ_j P[j] · v[j][e]
@@ -474,8 +470,8 @@ void merge_row(float* out, int64_t Ev, int64_t splits, const float* m, const flo
 // On AVX-512 only, whose FMAs take the broadcast as a memory operand at no cost. In one A/B run
 // against the tiles (2 threads, L = S = 512, width 768) it was 1.38x as fast at H = 96 (E = 8),
 // 1.18x at E = 12, 1.27x at E = 24, 1.08x at E = 64, 1.11x at E = 768, and 1.25x causal at
-// B1 H32 L1024 E128. On AVX2, where each broadcast is a load of its own, it was 6-20% slower,
-// and the portable path 26-29% slower.
+// B1 H32 L1024 E128; with a padding mask, 1.45x at E = 12 and 1.11x at E = 64. On AVX2, where
+// each broadcast is a load of its own, it was 6-20% slower, and the portable path 26-29% slower.
 constexpr bool kLanesPath = W == 16;
 // Keys per block: at E = 12, sT (bk × W) and the block's k and v (bk × (E + Ev)) fit the 32 KB
 // L1. 64 and 256 keys were within 3% in one A/B run at E = 12-64.
@@ -514,12 +510,34 @@ void pv_lanes(float* oT, V alpha, const float* p, const float* v, int64_t v_ss, 
   for (int e = 0; e < NE; ++e) vstore(oT + e * W, acc[e]);
 }
 
-// One block of keys [j0, j0 + bk) for one group: sT = qT · kᵀ, the softmax update of m, l and
-// oT (W lanes each; oT is Ev × W) and oT += P · v. Lane i sees keys [lo[i], hi[i]); `cut` says
-// whether some lane does not see the whole block.
-void lanes_block(const AttnArgs& a, const KeyBlocks& kb, int64_t j0, int64_t bk, bool cut,
-                 const int64_t* lo, const int64_t* hi, const float* qT, float* sT, float* m,
-                 float* l, float* oT) {
+// Step 3 on the lanes path: adds mask mk over keys [j0, j0 + bk) to sT (bk × W): -inf where a
+// bool mask says no, a float mask's values added. The lanes path takes only masks that hold one
+// value per key for all the rows of a tile (lanes_masks), so each is broadcast to every lane.
+void mask_lanes(float* sT, const MaskArg& mk, const void* row, int64_t j0, int64_t bk) {
+  const int64_t ss = mk.ss;
+  if (mk.kind == 1) {
+    const uint8_t* mr = static_cast<const uint8_t*>(row) + j0 * ss;
+    for (int64_t j = 0; j < bk; ++j)
+      if (mr[j * ss] != mk.keep) vstore(sT + j * W, vset1(-INFINITY));
+  } else if (mk.kind == 2) {
+    const float* mr = static_cast<const float*>(row) + j0 * ss;
+    for (int64_t j = 0; j < bk; ++j) vstore(sT + j * W, vadd(vload(sT + j * W), vset1(mr[j * ss])));
+  }
+}
+
+// Whether every mask holds one value per key for all the rows of a tile: the same for every
+// query (sl = 0) and, when a tile's rows span the G query heads of a kv head, for every head.
+bool lanes_masks(const AttnArgs& a) {
+  for (const MaskArg& mk : a.masks)
+    if (mk.kind != 0 && (mk.sl != 0 || (mk.sh != 0 && a.Hq != a.Hkv))) return false;
+  return true;
+}
+
+// One block of keys [j0, j0 + bk) for a group of W rows: sT = qT · kᵀ; step 3 when `cut` (some
+// row does not see every key of the block) or there are masks; the softmax update of m, l and
+// oT (W lanes each; oT is Ev × W); oT += P · v.
+void lanes_block(const AttnArgs& a, const KeyBlocks& kb, const Row* rows, int64_t j0, int64_t bk,
+                 bool cut, const float* qT, float* sT, float* m, float* l, float* oT) {
   const int64_t E = a.E, Ev = a.Ev;
   const float* k = kb.k + j0 * a.k_ss;
   V mx = vset1(-INFINITY);
@@ -530,21 +548,24 @@ void lanes_block(const AttnArgs& a, const KeyBlocks& kb, int64_t j0, int64_t bk,
     with_rows<kLanesKeys>(bk - j, [&](auto n) {
       qk_lanes<decltype(n)::value>(sT + j * W, mx, qT, k + j * a.k_ss, a.k_ss, E);
     });
-  if (cut) {  // keys outside a row's bounds get -inf, and the max is taken again
-    float first[W], final[W];  // per lane, relative to j0: exact in float whatever S is
-    for (int i = 0; i < W; ++i) {
-      first[i] = static_cast<float>(std::clamp<int64_t>(lo[i] - j0, -1, bk));
-      final[i] = static_cast<float>(std::clamp<int64_t>(hi[i] - 1 - j0, -1, bk));
+  if (cut || a.masks[0].kind != 0 || a.masks[1].kind != 0) {  // step 3, then the max again
+    const V ninf = vset1(-INFINITY);
+    if (cut) {  // -inf outside each row's bounds
+      float first[W], final[W];  // per lane, relative to j0: exact in float whatever S is
+      for (int i = 0; i < W; ++i) {
+        first[i] = static_cast<float>(std::clamp<int64_t>(rows[i].lo - j0, -1, bk));
+        final[i] = static_cast<float>(std::clamp<int64_t>(rows[i].hi - 1 - j0, -1, bk));
+      }
+      const V vlo = vload(first), vlast = vload(final);
+      for (j = 0; j < bk; ++j) {
+        const V key = vset1(static_cast<float>(j));
+        const V s = vselect_nonneg(vsub(key, vlo), vload(sT + j * W), ninf);
+        vstore(sT + j * W, vselect_nonneg(vsub(vlast, key), s, ninf));
+      }
     }
-    const V vlo = vload(first), vlast = vload(final), ninf = vset1(-INFINITY);
+    for (int mi = 0; mi < 2; ++mi) mask_lanes(sT, a.masks[mi], rows[0].mask[mi], j0, bk);
     mx = ninf;
-    for (j = 0; j < bk; ++j) {
-      const V key = vset1(static_cast<float>(j));
-      V s = vselect_nonneg(vsub(key, vlo), vload(sT + j * W), ninf);
-      s = vselect_nonneg(vsub(vlast, key), s, ninf);
-      vstore(sT + j * W, s);
-      mx = vmax(mx, s);
-    }
+    for (j = 0; j < bk; ++j) mx = vmax(mx, vload(sT + j * W));
   }
   // m starts at -FLT_MAX, not -inf: a row with no visible key so far keeps m' = -FLT_MAX, so
   // exp(m - m') = 1 and P = exp(-inf - m') = 0 with no special case, and l stays 0.
@@ -570,32 +591,29 @@ void lanes_block(const AttnArgs& a, const KeyBlocks& kb, int64_t j0, int64_t bk,
 }
 
 // out of one task on the lanes path: batch b, kv head kvh, tile rows [r0, r0 + R) of the G·L
-// rows, in groups of W. A group's last lanes, past R, repeat the last row's bounds with q = 0,
-// and their results are dropped. Each block of keys is visited once, for every group in turn,
-// while it is in cache.
+// rows, in groups of W. A group's last lanes, past R, repeat the last row with q = 0, and their
+// results are dropped. Each block of keys is visited once, for every group in turn, while it is
+// in cache.
 void attend_tile_lanes(const AttnArgs& a, int64_t b, int64_t kvh, int64_t r0, int64_t R,
                        const KeyBlocks& kb, const Scratch& t) {
   const int64_t E = a.E, Ev = a.Ev, groups = (R + W - 1) / W;
-  int64_t lo[BQ_MAX], hi[BQ_MAX];  // per lane: its visible keys
-  int64_t g_lo[BQ_MAX / W], g_hi[BQ_MAX / W];  // keys some row of the group sees
+  Row rows[BQ_MAX];
+  int64_t g_lo[BQ_MAX / W], g_hi[BQ_MAX / W];      // keys some row of the group sees
   int64_t lo_max[BQ_MAX / W], hi_min[BQ_MAX / W];  // keys every row of the group sees
   int64_t key_lo = a.S, key_hi = 0;
   for (int64_t g = 0; g < groups; ++g) {
     g_lo[g] = a.S, g_hi[g] = 0, lo_max[g] = 0, hi_min[g] = a.S;
     float* qT = t.qs + g * E * W;
     for (int64_t i = 0; i < W; ++i) {
-      const int64_t r = std::min(g * W + i, R - 1), l = row_query(a, r0 + r);
-      const Bounds bd = row_bounds(a, l, 0, a.S);
-      lo[g * W + i] = bd.lo;
-      hi[g * W + i] = bd.hi;
-      lo_max[g] = std::max(lo_max[g], bd.lo);
-      hi_min[g] = std::min(hi_min[g], bd.hi);
-      if (bd.lo < bd.hi) {
-        g_lo[g] = std::min(g_lo[g], bd.lo);
-        g_hi[g] = std::max(g_hi[g], bd.hi);
+      const int64_t idx = g * W + i;
+      const Row& r = rows[idx] = make_row(a, b, kvh, r0 + std::min(idx, R - 1), nullptr);
+      lo_max[g] = std::max(lo_max[g], r.lo);
+      hi_min[g] = std::min(hi_min[g], r.hi);
+      if (r.lo < r.hi) {
+        g_lo[g] = std::min(g_lo[g], r.lo);
+        g_hi[g] = std::max(g_hi[g], r.hi);
       }
-      const float* q = a.q + b * a.q_sb + row_head(a, kvh, r0 + r) * a.q_sh + l * a.q_sl;
-      for (int64_t e = 0; e < E; ++e) qT[e * W + i] = g * W + i < R ? q[e] * a.scale : 0.0f;
+      for (int64_t e = 0; e < E; ++e) qT[e * W + i] = idx < R ? r.q[e] * a.scale : 0.0f;
     }
     key_lo = std::min(key_lo, g_lo[g]);
     key_hi = std::max(key_hi, g_hi[g]);
@@ -607,15 +625,14 @@ void attend_tile_lanes(const AttnArgs& a, int64_t b, int64_t kvh, int64_t r0, in
     const int64_t bk = std::min(kLanesBlockKeys, key_hi - j0);
     for (int64_t g = 0; g < groups; ++g) {
       if (g_hi[g] <= j0 || g_lo[g] >= j0 + bk) continue;  // no row of the group sees the block
-      lanes_block(a, kb, j0, bk, lo_max[g] > j0 || hi_min[g] < j0 + bk, lo + g * W, hi + g * W,
+      lanes_block(a, kb, rows + g * W, j0, bk, lo_max[g] > j0 || hi_min[g] < j0 + bk,
                   t.qs + g * E * W, t.s, t.m + g * W, t.l + g * W, t.o + g * Ev * W);
     }
   }
   for (int64_t r = 0; r < R; ++r) {
     const int64_t g = r / W, i = r % W;
     const float inv = recip_or_zero(t.l[r]);
-    float* out = row_out(a, b, kvh, r0 + r);
-    for (int64_t e = 0; e < Ev; ++e) out[e] = t.o[(g * Ev + e) * W + i] * inv;
+    for (int64_t e = 0; e < Ev; ++e) rows[r].out[e] = t.o[(g * Ev + e) * W + i] * inv;
   }
 }
 
@@ -629,9 +646,10 @@ void attention(const AttnArgs& a) {
   // place: each key meets so few queries that packing it would cost more than it saves. Its
   // blocks need not fit L1 and are longer, so the per-block softmax bookkeeping is rarer.
   const bool direct = G * a.L <= kDirectRows;
-  // The lanes path (above) when there is no mask to gather per lane and no weights to write.
-  const bool lanes =
-      kLanesPath && !direct && !a.weights && a.masks[0].kind == 0 && a.masks[1].kind == 0;
+  // The lanes path (above) unless there are weights to write or a mask that differs from row
+  // to row (which would have to be gathered lane by lane: measured up to 1.75x slower than the
+  // tiles at E = 12).
+  const bool lanes = kLanesPath && !direct && !a.weights && lanes_masks(a);
   const int64_t evp = round_up(a.Ev, W);
   const int64_t bk_max = direct ? kDirectBlockKeys : lanes ? kLanesBlockKeys : block_keys(a.E, evp);
   const int64_t bq = tile_rows(a.B * a.Hkv, G * a.L, a.E, round_up(bk_max, KP), evp, nt);
