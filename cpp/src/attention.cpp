@@ -259,6 +259,8 @@ Row make_row(const AttnArgs& a, int64_t b, int64_t kvh, int64_t r, const Partial
 
 // Per-thread scratch of a tile, one slot each (threads.cpp): qs (bq × E), kt (E × bk_max),
 // vp (bk_max × evp), S (RM × bk_max: one register tile's rows), O (bq × evp), m and l (bq).
+// The lanes path uses qs for qT and o for oT (a group of W rows after another), s for sT
+// (bk_max × W), and no kt or vp.
 struct Scratch {
   float *qs, *kt, *vp, *s, *o, *m, *l;
 };
@@ -720,8 +722,8 @@ void attention(const AttnArgs& a) {
       const Tile tl = tile_of(job / splits);
       Scratch t;
       t.qs = thread_scratch(0, bq * a.E);
-      t.kt = thread_scratch(1, a.E * round_up(bk_max, KP));
-      t.vp = thread_scratch(2, bk_max * evp);
+      t.kt = lanes ? nullptr : thread_scratch(1, a.E * round_up(bk_max, KP));
+      t.vp = lanes ? nullptr : thread_scratch(2, bk_max * evp);
       t.s = thread_scratch(3, lanes ? W * bk_max : RM * round_up(bk_max, KP));
       t.o = thread_scratch(4, bq * evp);
       t.m = thread_scratch(5, bq);
