@@ -218,7 +218,7 @@ def test_rows_in_vector_lanes(isa, threads, rng, Hq, Hkv, L, S, E, Ev):
     rows not a multiple of 16, key blocks that end inside a register tile, Ev over several
     register tiles, GQA rows of several heads in one vector, every causal and window bound, rows
     that see no key (bottom-right with L > S), masks of one value per key (per head too, which
-    takes the lanes path only without GQA)."""
+    takes the lanes path only without GQA), the heads of q, k and v interleaved in memory."""
     q, k, v = qkv(rng, 2, Hq, Hkv, L, S, E, Ev)
     check(q, k, v, enable_gqa=True)
     check(q, k, v, enable_gqa=True, is_causal=True)
@@ -230,6 +230,8 @@ def test_rows_in_vector_lanes(isa, threads, rng, Hq, Hkv, L, S, E, Ev):
     check(q, k, v, enable_gqa=True, attn_mask=rng.standard_normal(S, dtype=np.float32) * 3)
     per_head = rng.standard_normal((2, Hq, 1, S), dtype=np.float32) * 3
     check(q, k, v, enable_gqa=True, attn_mask=per_head, window=45)
+    interleaved = [np.swapaxes(np.swapaxes(x, 1, 2).copy(), 1, 2) for x in (q, k, v)]
+    check(*interleaved, enable_gqa=True, is_causal=True)  # rows of a head Hq·E or Hkv·E apart
 
 
 @pytest.mark.parametrize("where", ["query", "key", "value"])
