@@ -249,10 +249,9 @@ Row make_row(const AttnArgs& a, int64_t b, int64_t kvh, int64_t r, const Partial
   row.hi = hi;
   for (int mi = 0; mi < 2; ++mi) {
     const MaskArg& mk = a.masks[mi];
-    const int64_t off = b * mk.sb + h * mk.sh + l * mk.sl;
-    row.mask[mi] = mk.kind == 1   ? static_cast<const void*>(static_cast<const uint8_t*>(mk.data) + off)
-                   : mk.kind == 2 ? static_cast<const void*>(static_cast<const float*>(mk.data) + off)
-                                  : nullptr;
+    const int64_t off = b * mk.sb + h * mk.sh + l * mk.sl;  // in elements: bytes or floats
+    const size_t size = mk.kind == 1 ? sizeof(uint8_t) : sizeof(float);
+    row.mask[mi] = mk.kind == 0 ? nullptr : static_cast<const char*>(mk.data) + off * size;
   }
   return row;
 }
@@ -472,7 +471,7 @@ void merge_row(float* out, int64_t Ev, int64_t splits, const float* m, const flo
 // On AVX-512 only, whose FMAs take the broadcast as a memory operand at no cost. In one A/B run
 // against the tiles (2 threads, L = S = 512, width 768) it was 1.38x as fast at H = 96 (E = 8),
 // 1.18x at E = 12, 1.27x at E = 24, 1.08x at E = 64, 1.11x at E = 768, and 1.25x causal at
-// B1 H32 L1024 E128; with a padding mask, 1.45x at E = 12 and 1.11x at E = 64. On AVX2, where
+// B1 H32 L1024 E128; with a padding mask, 1.28-1.45x at E = 12 and 1.11x at E = 64. On AVX2, where
 // each broadcast is a load of its own, it was 6-20% slower, and the portable path 26-29% slower.
 constexpr bool kLanesPath = W == 16;
 // Keys per block: at E = 12, sT (bk × W) and the block's k and v (bk × (E + Ev)) fit the 32 KB
@@ -480,8 +479,9 @@ constexpr bool kLanesPath = W == 16;
 constexpr int64_t kLanesBlockKeys = 128;
 // Keys per Q·Kᵀ register tile: independent sums enough to cover the FMA latency.
 constexpr int kLanesKeys = 8;
-// Dims of oT per P·V register tile: as many accumulators as the registers hold beside P[j].
-constexpr int kLanesOut = W == 16 ? 16 : 12;
+// Dims of oT per P·V register tile: 16 accumulators of AVX-512's 32 registers, beside P[j] and
+// the broadcasts.
+constexpr int kLanesOut = 16;
 
 // sT (NJ × W) = qT (E × W) · kᵀ for NJ keys (rows of k, k_ss apart); mx becomes the lane-wise
 // max of mx and the scores.
@@ -523,7 +523,8 @@ void mask_lanes(float* sT, const MaskArg& mk, const void* row, int64_t j0, int64
       if (mr[j * ss] != mk.keep) vstore(sT + j * W, vset1(-INFINITY));
   } else if (mk.kind == 2) {
     const float* mr = static_cast<const float*>(row) + j0 * ss;
-    for (int64_t j = 0; j < bk; ++j) vstore(sT + j * W, vadd(vload(sT + j * W), vset1(mr[j * ss])));
+    for (int64_t j = 0; j < bk; ++j)
+      vstore(sT + j * W, vadd(vload(sT + j * W), vset1(mr[j * ss])));
   }
 }
 
@@ -653,7 +654,8 @@ void attention(const AttnArgs& a) {
   // tiles at E = 12).
   const bool lanes = kLanesPath && !direct && !a.weights && lanes_masks(a);
   const int64_t evp = round_up(a.Ev, W);
-  const int64_t bk_max = direct ? kDirectBlockKeys : lanes ? kLanesBlockKeys : block_keys(a.E, evp);
+  const int64_t bk_max =
+      direct ? kDirectBlockKeys : (lanes ? kLanesBlockKeys : block_keys(a.E, evp));
   const int64_t bq = tile_rows(a.B * a.Hkv, G * a.L, a.E, round_up(bk_max, KP), evp, nt);
   const int64_t tiles = (G * a.L + bq - 1) / bq;
   const int64_t tasks = a.B * a.Hkv * tiles;
@@ -663,7 +665,8 @@ void attention(const AttnArgs& a) {
   // is then hot in the packing core's own L1 and L2, where the pass leaves a buffer the other
   // core reads through L3 (measured with 64-row tiles: 2 tiles a head, pass 10-40% slower; 8,
   // even; 16, 7-20% faster).
-  const bool prepack = !direct && !lanes && (G * a.L + BQ_MIN - 1) / BQ_MIN >= kPrepackTiles && a.S > 0;
+  const bool prepack =
+      !direct && !lanes && (G * a.L + BQ_MIN - 1) / BQ_MIN >= kPrepackTiles && a.S > 0;
   // Split-S (file comment): chunks of `chunk` keys, `splits` per tile. Not with weights, whose
   // second pass needs every row's final m and l.
   int64_t splits = 1, chunk = a.S;
