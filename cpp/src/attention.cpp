@@ -536,6 +536,36 @@ bool lanes_masks(const AttnArgs& a) {
   return true;
 }
 
+// qT (E × W) = the q of W rows, times scale, one row per lane. W dims at a time through
+// registers (vtranspose), scalar for the last E % W.
+void rows_to_lanes(float* qT, const Row* rows, int64_t E, float scale) {
+  int64_t e = 0;
+  for (; e + W <= E; e += W) {
+    V r[W];
+    for (int i = 0; i < W; ++i) r[i] = vmul(vload(rows[i].q + e), vset1(scale));
+    vtranspose(r);
+    for (int i = 0; i < W; ++i) vstore(qT + (e + i) * W, r[i]);
+  }
+  for (; e < E; ++e)
+    for (int i = 0; i < W; ++i) qT[e * W + i] = rows[i].q[e] * scale;
+}
+
+// The out of the first n of W rows = oT (Ev × W, one row per lane) / l, lane by lane (0 where
+// l = 0: a row that saw no key). W dims at a time through registers, scalar for the last Ev % W.
+void lanes_to_rows(const Row* rows, int64_t n, const float* oT, const float* l, int64_t Ev) {
+  float inv[W];
+  for (int i = 0; i < W; ++i) inv[i] = recip_or_zero(l[i]);
+  int64_t e = 0;
+  for (; e + W <= Ev; e += W) {
+    V r[W];
+    for (int i = 0; i < W; ++i) r[i] = vload(oT + (e + i) * W);
+    vtranspose(r);
+    for (int64_t i = 0; i < n; ++i) vstore(rows[i].out + e, vmul(r[i], vset1(inv[i])));
+  }
+  for (; e < Ev; ++e)
+    for (int64_t i = 0; i < n; ++i) rows[i].out[e] = oT[e * W + i] * inv[i];
+}
+
 // One block of keys [j0, j0 + bk) for a group of W rows: sT = qT · kᵀ; step 3 when `cut` (some
 // row does not see every key of the block) or there are masks; the softmax update of m, l and
 // oT (W lanes each; oT is Ev × W); oT += P · v.
@@ -594,9 +624,8 @@ void lanes_block(const AttnArgs& a, const KeyBlocks& kb, const Row* rows, int64_
 }
 
 // out of one task on the lanes path: batch b, kv head kvh, tile rows [r0, r0 + R) of the G·L
-// rows, in groups of W. A group's last lanes, past R, repeat the last row with q = 0, and their
-// results are dropped. Each block of keys is visited once, for every group in turn, while it is
-// in cache.
+// rows, in groups of W. A group's last lanes, past R, repeat the last row, and their results are
+// dropped. Each block of keys is visited once, for every group in turn, while it is in cache.
 void attend_tile_lanes(const AttnArgs& a, int64_t b, int64_t kvh, int64_t r0, int64_t R,
                        const KeyBlocks& kb, const Scratch& t) {
   const int64_t E = a.E, Ev = a.Ev, groups = (R + W - 1) / W;
@@ -606,7 +635,6 @@ void attend_tile_lanes(const AttnArgs& a, int64_t b, int64_t kvh, int64_t r0, in
   int64_t key_lo = a.S, key_hi = 0;
   for (int64_t g = 0; g < groups; ++g) {
     g_lo[g] = a.S, g_hi[g] = 0, lo_max[g] = 0, hi_min[g] = a.S;
-    float* qT = t.qs + g * E * W;
     for (int64_t i = 0; i < W; ++i) {
       const int64_t idx = g * W + i;
       const Row& r = rows[idx] = make_row(a, b, kvh, r0 + std::min(idx, R - 1), nullptr);
@@ -616,8 +644,8 @@ void attend_tile_lanes(const AttnArgs& a, int64_t b, int64_t kvh, int64_t r0, in
         g_lo[g] = std::min(g_lo[g], r.lo);
         g_hi[g] = std::max(g_hi[g], r.hi);
       }
-      for (int64_t e = 0; e < E; ++e) qT[e * W + i] = idx < R ? r.q[e] * a.scale : 0.0f;
     }
+    rows_to_lanes(t.qs + g * E * W, rows + g * W, E, a.scale);
     key_lo = std::min(key_lo, g_lo[g]);
     key_hi = std::max(key_hi, g_hi[g]);
     std::fill(t.m + g * W, t.m + (g + 1) * W, -FLT_MAX);
@@ -632,11 +660,9 @@ void attend_tile_lanes(const AttnArgs& a, int64_t b, int64_t kvh, int64_t r0, in
                   t.qs + g * E * W, t.s, t.m + g * W, t.l + g * W, t.o + g * Ev * W);
     }
   }
-  for (int64_t r = 0; r < R; ++r) {
-    const int64_t g = r / W, i = r % W;
-    const float inv = recip_or_zero(t.l[r]);
-    for (int64_t e = 0; e < Ev; ++e) rows[r].out[e] = t.o[(g * Ev + e) * W + i] * inv;
-  }
+  for (int64_t g = 0; g < groups; ++g)
+    lanes_to_rows(rows + g * W, std::min<int64_t>(W, R - g * W), t.o + g * Ev * W, t.l + g * W,
+                  Ev);
 }
 
 }  // namespace
