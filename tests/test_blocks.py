@@ -22,8 +22,12 @@ def test_linear_odd_sizes(isa, rng, M, N, K):
     assert_close(mhattn.linear(x, w), ref.linear(x, w), "gemm")
 
 
-@pytest.mark.parametrize("M,N,K", [(300, 200, 700), (1023, 65, 257), (64, 2304, 768)])
+@pytest.mark.parametrize("M,N,K", [(300, 200, 700), (1023, 65, 257), (64, 2304, 768),
+                                   (293, 70, 2500), (1500, 70, 300)])
 def test_linear_blocked_sizes_both_thread_counts(isa, threads, rng, M, N, K):
+    # K = 2500: A packed in groups of KC steps, the last group and step partial, and a last row
+    # block (89 rows) that is not a whole number of slivers. M = 1500: enough row blocks that
+    # their count is rounded up to a multiple of the threads.
     x, w, b = mat(rng, M, K, scale=K ** -0.5), mat(rng, N, K), mat(rng, N)
     assert_close(mhattn.linear(x, w, b), ref.linear(x, w, b), "gemm")
 
@@ -76,10 +80,11 @@ def test_activation_over_the_float_range(isa, activation):
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("M,N,K", [(1, 5, 3), (5, 17, 255), (17, 255, 17), (300, 200, 700), (64, 2304, 768)])
+@pytest.mark.parametrize("M,N,K", [(1, 5, 3), (5, 17, 255), (17, 255, 17), (300, 200, 700), (64, 2304, 768),
+                                   (40, 50, 2100)])
 def test_linear_activation_fused_in_the_store(isa, threads, rng, activation, M, N, K):
     # Sizes with edge tiles, several KC steps (700: the activation must come after the last one
-    # only), and products small enough for the unpacked path.
+    # only), several groups of them (2100), and products small enough for the unpacked path.
     x, w, b = mat(rng, M, K, scale=3 * K ** -0.5), mat(rng, N, K), mat(rng, N)
     assert_close(mhattn.linear(x, w, b, activation=activation), ref.linear(x, w, b, activation), "gemm")
     layer = mhattn.Linear(w, activation=activation)

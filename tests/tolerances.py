@@ -1,7 +1,7 @@
 """The one table of tolerances the tests compare float32 results against float64 references with.
 
 Every op's inputs are scaled so its outputs are of order 1, so an absolute floor plus a relative
-part fits all sizes the tests use (K up to 1023, S up to a few hundred, E up to 256).
+part fits all sizes the tests use (K up to 2500, S up to a few hundred, E up to 256).
 """
 
 import numpy as np

@@ -7,8 +7,10 @@
 // in-projection stores Q, K and V directly in the (B, H, L, E) layout, bias included. The
 // activation (activation.h) is applied in the same store, on the last step over K.
 //
-// Loop nest (the BLIS order): parallel tasks of (row block, run of panels), dynamic schedule;
-// inside a task: k0 in steps of KC (pack the A block) → panel → sliver of MR rows → micro-kernel.
+// Loop nest: parallel tasks of (row block, run of panels), dynamic schedule; inside a task:
+// groups of up to KG columns of A (pack the A block, KC columns at a time) → panel → k0 in steps
+// of KC → sliver of MR rows → micro-kernel. Each panel's C tile takes all the KC steps of a group
+// while it is in cache, so C goes to memory once per group rather than once per KC step.
 // A product of at most MR rows (a decode step) goes through gemm_one_sliver instead: one KC
 // step over the whole of K, and several panels of B streamed side by side.
 // gemm_simple is the same product as three plain loops: it is the definition a reader checks
@@ -33,10 +35,14 @@ constexpr int NV = W == 4 ? 4 : 2;
 constexpr int MR = W == 4 ? 2 : 6;
 constexpr int NR = NV * W;
 // KC: a KC × NR sliver of B (256 × 16 floats = 16 KB with AVX2) stays in the 32 KB L1d while
-// the slivers of A stream past it. MC: the packed A block (144 × 256 floats = 144 KB) stays in
-// the 1 MB L2 while every panel of the task's run passes.
+// the slivers of A stream past it. MC, KG: the packed A block (at most 144 × 1024 floats =
+// 576 KB) stays in the 1 MB L2 while every panel of the task's run passes. In one A/B run
+// (2 threads, median of 15) against one pack per KC step, with the first step's C prefetch and
+// the row blocks below, this was 1.00-1.11x as fast on the nine shapes of issue 3 (4096 × 768
+// → 768: 1.07x, 1024³: 1.05x).
 constexpr int64_t KC = 256;
 constexpr int64_t MC = 144;  // a multiple of every target's MR
+constexpr int64_t KG = 4 * KC;
 // Below this many flops a product runs on one thread through gemm_simple: starting the OpenMP
 // team and packing cost more than the work.
 constexpr double kTinyFlops = 2.0 * 16 * 16 * 16;
@@ -125,11 +131,11 @@ void micro_kernel(int64_t kc, const float* ap, const float* bp, int64_t b_step, 
   V acc[R][P * NV];
   for (int i = 0; i < R; ++i)
     for (int u = 0; u < P * NV; ++u) acc[i][u] = vzero();
-  // A later KC step adds to C: ask for its tile now, so the loads at the end find it in cache.
-  if (!first)
-    for (int q = 0; q < P; ++q)
-      for (int i = 0; i < R; ++i)
-        for (int v = 0; v < NV; ++v) __builtin_prefetch(crow[i] + c.col(n0 + q * NR) + v * W);
+  // Ask for the C tile now, so that the stores (and a later KC step's loads) at the end find it
+  // in cache.
+  for (int q = 0; q < P; ++q)
+    for (int i = 0; i < R; ++i)
+      for (int v = 0; v < NV; ++v) __builtin_prefetch(crow[i] + c.col(n0 + q * NR) + v * W, 1);
 #pragma GCC unroll 4
   for (int64_t k = 0; k < kc; ++k) {
     V b[P * NV];
@@ -222,9 +228,13 @@ void gemm(const OutMap& c, const float* a, int64_t a_rs, int64_t a_cs, const Pac
   if (M <= MR) return gemm_one_sliver(c, a, a_rs, a_cs, b, bias, act, M);
 
   // Row blocks of equal height (a multiple of MR), and the panels cut into runs so that there
-  // are at least four tasks per thread and their count divides evenly among the threads.
+  // are at least four tasks per thread and their count divides evenly among the threads. With
+  // enough row blocks, their count is rounded up to a multiple of the threads instead, so that a
+  // task takes every panel and packs its A block once (M = 4096: 30 blocks of up to 138 rows,
+  // not 29 blocks in two runs each).
   const int nt = num_threads();
-  const int64_t row_blocks = (M + MC - 1) / MC;
+  int64_t row_blocks = (M + MC - 1) / MC;
+  if (row_blocks >= 4 * nt) row_blocks = (row_blocks + nt - 1) / nt * nt;
   const int64_t mc = ((M + row_blocks - 1) / row_blocks + MR - 1) / MR * MR;
   const int64_t panels = (N + NR - 1) / NR;
   int64_t runs = std::min(panels, std::max<int64_t>(1, (4 * nt + row_blocks - 1) / row_blocks));
@@ -238,20 +248,27 @@ void gemm(const OutMap& c, const float* a, int64_t a_rs, int64_t a_cs, const Pac
     const int64_t m0 = (t / runs) * mc, rows = std::min(mc, M - m0);
     if (rows <= 0) continue;
     const int64_t p0 = (t % runs) * run_len, p1 = std::min(panels, p0 + run_len);
-    float* ap = thread_scratch(0, MC * KC);
+    float* ap = thread_scratch(0, MC * KG);
     float* crow[MC];
     for (int64_t i = 0; i < rows; ++i) crow[i] = c.row(m0 + i);
-    for (int64_t k0 = 0; k0 < K; k0 += KC) {
-      const int64_t kc = std::min(KC, K - k0);
-      pack_a(ap, a + m0 * a_rs + k0 * a_cs, a_rs, a_cs, rows, kc);
-      const Activation step_act = k0 + kc == K ? act : Activation::none;
+    const int64_t rows_p = (rows + MR - 1) / MR * MR;
+    for (int64_t g0 = 0; g0 < K; g0 += KG) {
+      const int64_t g1 = std::min(K, g0 + KG);
+      for (int64_t k0 = g0; k0 < g1; k0 += KC)
+        pack_a(ap + (k0 - g0) * rows_p, a + m0 * a_rs + k0 * a_cs, a_rs, a_cs, rows,
+               std::min(KC, g1 - k0));
       for (int64_t p = p0; p < p1; ++p)
-        for (int64_t i0 = 0; i0 < rows; i0 += MR)
-          with_rows<MR>(std::min<int64_t>(MR, rows - i0), [&](auto r) {
-            const float* bp = b.data.data() + p * K * NR + k0 * NR;
-            micro_kernel<decltype(r)::value, 1>(kc, ap + i0 * kc, bp, K * NR, c, crow + i0, p * NR,
-                                                N, bias, k0 == 0, step_act);
-          });
+        for (int64_t k0 = g0; k0 < g1; k0 += KC) {
+          const int64_t kc = std::min(KC, K - k0);
+          const Activation step_act = k0 + kc == K ? act : Activation::none;
+          const float* bp = b.data.data() + p * K * NR + k0 * NR;
+          const float* apk = ap + (k0 - g0) * rows_p;
+          for (int64_t i0 = 0; i0 < rows; i0 += MR)
+            with_rows<MR>(std::min<int64_t>(MR, rows - i0), [&](auto r) {
+              micro_kernel<decltype(r)::value, 1>(kc, apk + i0 * kc, bp, K * NR, c, crow + i0,
+                                                  p * NR, N, bias, k0 == 0, step_act);
+            });
+        }
     }
   }
 }
