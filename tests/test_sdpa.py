@@ -214,11 +214,13 @@ def test_many_tiles_per_head_pack_keys_once(isa, threads, rng, Hq, Hkv, L, S):
                                               (3, 1, 19, 261, 33, 47), (1, 1, 300, 129, 96, 17),
                                               (2, 1, 16, 1000, 64, 64), (1, 1, 40, 50, 768, 40)])
 def test_rows_in_vector_lanes(isa, threads, rng, Hq, Hkv, L, S, E, Ev):
-    """Without weights or masks per query, AVX-512 puts 16 query rows in the lanes of a vector:
-    rows not a multiple of 16, key blocks that end inside a register tile, Ev over several
-    register tiles, GQA rows of several heads in one vector, every causal and window bound, rows
-    that see no key (bottom-right with L > S), masks of one value per key (per head too, which
-    takes the lanes path only without GQA), the heads of q, k and v interleaved in memory."""
+    """Without weights, AVX-512 puts 16 query rows in the lanes of a vector: rows not a multiple
+    of 16, key blocks that end inside a register tile, Ev over several register tiles, GQA rows
+    of several heads in one vector, every causal and window bound, rows that see no key
+    (bottom-right with L > S), masks of one value per key (broadcast to the lanes; per head too,
+    without GQA), masks that differ per query or per head within a vector (transposed into the
+    lanes: float and bool, contiguous and strided), the heads of q, k and v interleaved in
+    memory."""
     q, k, v = qkv(rng, 2, Hq, Hkv, L, S, E, Ev)
     check(q, k, v, enable_gqa=True)
     check(q, k, v, enable_gqa=True, is_causal=True)
@@ -230,6 +232,16 @@ def test_rows_in_vector_lanes(isa, threads, rng, Hq, Hkv, L, S, E, Ev):
     check(q, k, v, enable_gqa=True, attn_mask=rng.standard_normal(S, dtype=np.float32) * 3)
     per_head = rng.standard_normal((2, Hq, 1, S), dtype=np.float32) * 3
     check(q, k, v, enable_gqa=True, attn_mask=per_head, window=45)
+    per_query = rng.standard_normal((L, S), dtype=np.float32) * 3
+    check(q, k, v, enable_gqa=True, attn_mask=per_query, is_causal=True)
+    keep = rng.random((2, Hq, L, S)) < 0.7
+    check(q, k, v, enable_gqa=True, attn_mask=keep, window=45)
+    keep[..., S // 2] = False  # a NaN score that the bool mask hides: it replaces, not adds
+    hidden = k.copy()
+    hidden[:, :, S // 2, 0] = np.nan
+    check(q, hidden, v, enable_gqa=True, attn_mask=keep)
+    strided = (rng.standard_normal((L, 2 * S), dtype=np.float32) * 3)[:, ::2]
+    check(q, k, v, enable_gqa=True, attn_mask=strided)
     interleaved = [np.swapaxes(np.swapaxes(x, 1, 2).copy(), 1, 2) for x in (q, k, v)]
     check(*interleaved, enable_gqa=True, is_causal=True)  # rows of a head Hq·E or Hkv·E apart
 

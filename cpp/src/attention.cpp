@@ -23,8 +23,8 @@
 // Two variants of step 1: tiles of at most kDirectRows rows (decode) pack nothing and read k
 // and v where they lie (qk_direct; decode is bound by reading them once), and heads with many
 // tiles have all their blocks packed once per call, before the tiles run.
-// On AVX-512, tiles without weights to write or masks per query take the lanes path instead
-// (below merge_row): W query rows at a time, one per lane of a vector, k and v read in place.
+// On AVX-512, tiles without weights to write take the lanes path instead (below merge_row):
+// W query rows at a time, one per lane of a vector, k and v read in place.
 // Split-S: when a decode call has too few tiles to keep every thread busy (one sequence, few
 // kv heads), each tile's keys are cut into chunks that run as tasks of their own, each ending
 // with its rows' partial (m, l, O); a second pass merges them:
@@ -459,8 +459,8 @@ void merge_row(float* out, int64_t Ev, int64_t splits, const float* m, const flo
 }
 
 // ---------------------------------------------------------------------------------------------
-// The lanes path, for tiles without weights to write or masks per query: a tile's rows go W at
-// a time, one row per lane of a vector. For such a group of rows and a block of keys j:
+// The lanes path, for tiles without weights to write: a tile's rows go W at a time, one row per
+// lane of a vector. For such a group of rows and a block of keys j:
 //   sT[j] (W) = Σ_e qT[e] · k[j][e], where qT (E × W) holds the rows' q times scale
 //   m' = max(m, max_j sT[j]), P[j] = exp(sT[j] - m'), l = l · exp(m - m') + Σ_j P[j]
 //   oT[e] (W) = oT[e] · exp(m - m') + Σ_j P[j] · v[j][e]
@@ -512,9 +512,9 @@ void pv_lanes(float* oT, V alpha, const float* p, const float* v, int64_t v_ss, 
   for (int e = 0; e < NE; ++e) vstore(oT + e * W, acc[e]);
 }
 
-// Step 3 on the lanes path: adds mask mk over keys [j0, j0 + bk) to sT (bk × W): -inf where a
-// bool mask says no, a float mask's values added. The lanes path takes only masks that hold one
-// value per key for all the rows of a tile (lanes_masks), so each is broadcast to every lane.
+// Step 3 on the lanes path for a mask that holds one value per key for all the rows of a tile
+// (per_key): over keys [j0, j0 + bk) of sT (bk × W), -inf where a bool mask says no, a float
+// mask's values added, each broadcast to every lane.
 void mask_lanes(float* sT, const MaskArg& mk, const void* row, int64_t j0, int64_t bk) {
   const int64_t ss = mk.ss;
   if (mk.kind == 1) {
@@ -528,12 +528,45 @@ void mask_lanes(float* sT, const MaskArg& mk, const void* row, int64_t j0, int64
   }
 }
 
-// Whether every mask holds one value per key for all the rows of a tile: the same for every
-// query (sl = 0) and, when a tile's rows span the G query heads of a kv head, for every head.
-bool lanes_masks(const AttnArgs& a) {
-  for (const MaskArg& mk : a.masks)
-    if (mk.kind != 0 && (mk.sl != 0 || (mk.sh != 0 && a.Hq != a.Hkv))) return false;
-  return true;
+// Whether mask mk holds one value per key for all the rows of a tile: the same for every query
+// (sl = 0) and, when a tile's rows span the G query heads of a kv head, for every head.
+bool per_key(const AttnArgs& a, const MaskArg& mk) {
+  return mk.sl == 0 && (mk.sh == 0 || a.Hq == a.Hkv);
+}
+
+// Step 3 on the lanes path for a mask that differs from row to row: W keys at a time, the W
+// rows' values as the rows of a W × W block (a float mask's rows loaded as vectors when they
+// are contiguous, element by element otherwise), transposed into sT's layout (vtranspose).
+// A bool mask's block holds 0 (keep) or -inf, and -inf replaces the score, as in mask_lanes.
+// Against the tiles, in one A/B run (E = 12 and 64, L = 128 and 512): 1.06-1.11x with an (L, S)
+// float mask, 1.14-1.31x with a (B, H, L, S) bool mask.
+void mask_lanes_rows(float* sT, const MaskArg& mk, const Row* rows, int mi, int64_t j0,
+                     int64_t bk) {
+  for (int64_t j = 0; j < bk; j += W) {
+    const int64_t n = std::min<int64_t>(W, bk - j);
+    V r[W];
+    if (mk.kind == 2 && mk.ss == 1 && n == W) {
+      for (int i = 0; i < W; ++i)
+        r[i] = vload(static_cast<const float*>(rows[i].mask[mi]) + j0 + j);
+    } else {
+      float block[W][W] = {};
+      for (int i = 0; i < W; ++i)
+        for (int64_t c = 0; c < n; ++c) {
+          const int64_t at = (j0 + j + c) * mk.ss;
+          if (mk.kind == 2)
+            block[i][c] = static_cast<const float*>(rows[i].mask[mi])[at];
+          else
+            block[i][c] = static_cast<const uint8_t*>(rows[i].mask[mi])[at] == mk.keep
+                              ? 0.0f : -INFINITY;
+        }
+      for (int i = 0; i < W; ++i) r[i] = vload(block[i]);
+    }
+    vtranspose(r);
+    for (int64_t c = 0; c < n; ++c) {
+      const V s = vload(sT + (j + c) * W);
+      vstore(sT + (j + c) * W, mk.kind == 1 ? vselect_nonneg(r[c], s, r[c]) : vadd(s, r[c]));
+    }
+  }
 }
 
 // qT (E × W) = the q of W rows, times scale, one row per lane. W dims at a time through
@@ -596,7 +629,11 @@ void lanes_block(const AttnArgs& a, const KeyBlocks& kb, const Row* rows, int64_
         vstore(sT + j * W, vselect_nonneg(vsub(vlast, key), s, ninf));
       }
     }
-    for (int mi = 0; mi < 2; ++mi) mask_lanes(sT, a.masks[mi], rows[0].mask[mi], j0, bk);
+    for (int mi = 0; mi < 2; ++mi)
+      if (per_key(a, a.masks[mi]))
+        mask_lanes(sT, a.masks[mi], rows[0].mask[mi], j0, bk);
+      else
+        mask_lanes_rows(sT, a.masks[mi], rows, mi, j0, bk);
     mx = ninf;
     for (j = 0; j < bk; ++j) mx = vmax(mx, vload(sT + j * W));
   }
@@ -675,10 +712,8 @@ void attention(const AttnArgs& a) {
   // place: each key meets so few queries that packing it would cost more than it saves. Its
   // blocks need not fit L1 and are longer, so the per-block softmax bookkeeping is rarer.
   const bool direct = G * a.L <= kDirectRows;
-  // The lanes path (above) unless there are weights to write or a mask that differs from row
-  // to row (which would have to be gathered lane by lane: measured up to 1.75x slower than the
-  // tiles at E = 12).
-  const bool lanes = kLanesPath && !direct && !a.weights && lanes_masks(a);
+  // The lanes path (above) unless there are weights to write.
+  const bool lanes = kLanesPath && !direct && !a.weights;
   const int64_t evp = round_up(a.Ev, W);
   const int64_t bk_max =
       direct ? kDirectBlockKeys : (lanes ? kLanesBlockKeys : block_keys(a.E, evp));
