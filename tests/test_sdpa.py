@@ -246,6 +246,19 @@ def test_rows_in_vector_lanes(isa, threads, rng, Hq, Hkv, L, S, E, Ev):
     check(*interleaved, enable_gqa=True, is_causal=True)  # rows of a head Hq·E or Hkv·E apart
 
 
+@pytest.mark.parametrize("L", [3, 40])
+def test_bounds_hide_what_a_float_mask_adds(isa, threads, rng, L):
+    """A key outside the causal bounds stays hidden even where a float mask adds +inf or NaN to
+    its score, as in the reference (the bounds come after the masks): L = 3 takes the direct
+    path, L = 40 the tiles or the lanes."""
+    q, k, v = qkv(rng, 1, 2, 2, L, 40, 16)
+    mask = rng.standard_normal((L, 40)).astype(np.float32)
+    above = np.triu(np.ones((L, 40), bool), 1)
+    mask[above] = np.where(rng.random(above.sum()) < 0.5, np.inf, np.nan)
+    got = check(q, k, v, attn_mask=mask, is_causal=True)
+    assert np.all(np.isfinite(got))
+
+
 @pytest.mark.parametrize("where", ["query", "key", "value"])
 @pytest.mark.parametrize("value", [np.inf, -np.inf])
 def test_inf_input_gives_what_the_reference_gives(isa, rng, where, value):

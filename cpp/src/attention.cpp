@@ -10,8 +10,8 @@
 //   1. kt = kᵀ of the block in panels of 2W keys (E × 2W each, as gemm.cpp packs B), keys
 //      padded with zeros to bkp, a multiple of 2W
 //   2. S (R × bkp) = qs · kt, where qs (R × E) holds the tile's query rows times scale
-//   3. S = -inf outside each row's causal/window bounds and where a bool mask says no,
-//      S += float masks, S = -inf in the padding
+//   3. S = -inf where a bool mask says no, S += float masks, then S = -inf outside each row's
+//      causal/window bounds (whatever a float mask added there) and in the padding
 //   4. per row: m' = max(m, max_j S), P = exp(S - m'), l = l · exp(m - m') + Σ P,
 //      O = O · exp(m - m'), m = m'
 //   5. O (R × evp) += P · vp, where vp is the block of v in panels of 2W dims (bk × 2W each,
@@ -320,13 +320,11 @@ void pack_values(float* vp, const AttnArgs& a, const KeyBlocks& kb, int64_t j0, 
 // max of the scores before masking (qk_rows), used if step 3 changes none of them.
 void softmax_row(Pass pass, const AttnArgs& a, const Row& r, float* s, const float* s_max,
                  int64_t j0, int64_t bk, int64_t bkp, float& m, float& l, float* o, int64_t evp) {
-  // 3. bounds and masks.
+  // 3. masks, then bounds: a key outside the bounds is hidden whatever a float mask adds to it
+  // (+inf or NaN included), as in the reference.
   const bool cut = r.lo > j0 || r.hi < j0 + bk;  // the row's bounds leave out part of the block
   bool masked = bk < bkp || cut;
   for (int64_t j = bk; j < bkp; ++j) s[j] = -INFINITY;
-  if (cut)
-    for (int64_t j = 0; j < bk; ++j)
-      if (j0 + j < r.lo || j0 + j >= r.hi) s[j] = -INFINITY;
   for (int mi = 0; mi < 2; ++mi) {
     const MaskArg& mk = a.masks[mi];
     masked = masked || mk.kind != 0;
@@ -339,6 +337,9 @@ void softmax_row(Pass pass, const AttnArgs& a, const Row& r, float* s, const flo
       for (int64_t j = 0; j < bk; ++j) s[j] += mr[j * mk.ss];
     }
   }
+  if (cut)
+    for (int64_t j = 0; j < bk; ++j)
+      if (j0 + j < r.lo || j0 + j >= r.hi) s[j] = -INFINITY;
   // 4. the softmax update.
   if (pass == Pass::Final) {
     // m and l are final: P = exp(S - m) / l, which is also the row of weights.
@@ -616,7 +617,12 @@ void lanes_block(const AttnArgs& a, const KeyBlocks& kb, const Row* rows, int64_
     });
   if (cut || a.masks[0].kind != 0 || a.masks[1].kind != 0) {  // step 3, then the max again
     const V ninf = vset1(-INFINITY);
-    if (cut) {  // -inf outside each row's bounds
+    for (int mi = 0; mi < 2; ++mi)
+      if (per_key(a, a.masks[mi]))
+        mask_lanes(sT, a.masks[mi], rows[0].mask[mi], j0, bk);
+      else
+        mask_lanes_rows(sT, a.masks[mi], rows, mi, j0, bk);
+    if (cut) {  // then -inf outside each row's bounds, whatever a float mask added (softmax_row)
       float first[W], final[W];  // per lane, relative to j0: exact in float whatever S is
       for (int i = 0; i < W; ++i) {
         first[i] = static_cast<float>(std::clamp<int64_t>(rows[i].lo - j0, -1, bk));
@@ -629,11 +635,6 @@ void lanes_block(const AttnArgs& a, const KeyBlocks& kb, const Row* rows, int64_
         vstore(sT + j * W, vselect_nonneg(vsub(vlast, key), s, ninf));
       }
     }
-    for (int mi = 0; mi < 2; ++mi)
-      if (per_key(a, a.masks[mi]))
-        mask_lanes(sT, a.masks[mi], rows[0].mask[mi], j0, bk);
-      else
-        mask_lanes_rows(sT, a.masks[mi], rows, mi, j0, bk);
     mx = ninf;
     for (j = 0; j < bk; ++j) mx = vmax(mx, vload(sT + j * W));
   }
