@@ -70,8 +70,6 @@ int64_t block_keys(int64_t E, int64_t evp) {
   return std::clamp<int64_t>(bk, 64, 512);
 }
 
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
 // Rows per tile: the tallest of BQ_MAX, ..., BQ_MIN (halving) whose tile fits kTileBytes and
 // that still leaves four tasks per thread for the dynamic schedule to balance.
 int64_t tile_rows(int64_t heads, int64_t rows_per_head, int64_t E, int64_t bk, int64_t evp,

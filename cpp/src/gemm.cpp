@@ -65,8 +65,6 @@ void gemm_simple(const OutMap& c, const float* a, int64_t a_rs, int64_t a_cs, co
     }
 }
 
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
 // ap: the block A (mc, kc) as slivers of MR rows, each in chunks of W columns: sliver s holds
 // a(s*MR + i, k0 + j), k0 a multiple of W, at ap[s * kcp * MR + k0 * MR + i * W + j], kcp = kc
 // rounded up to W. A chunk is MR rows of one vector each, so when A's rows are contiguous,
@@ -250,7 +248,7 @@ void gemm(const OutMap& c, const float* a, int64_t a_rs, int64_t a_cs, const Pac
   const int nt = num_threads();
   int64_t row_blocks = (M + MC - 1) / MC;
   if (row_blocks >= 4 * nt) row_blocks = (row_blocks + nt - 1) / nt * nt;
-  const int64_t mc = ((M + row_blocks - 1) / row_blocks + MR - 1) / MR * MR;
+  const int64_t mc = round_up((M + row_blocks - 1) / row_blocks, MR);
   const int64_t panels = (N + NR - 1) / NR;
   int64_t runs = std::min(panels, std::max<int64_t>(1, (4 * nt + row_blocks - 1) / row_blocks));
   while (runs < panels && (row_blocks * runs) % nt != 0) ++runs;
@@ -266,7 +264,7 @@ void gemm(const OutMap& c, const float* a, int64_t a_rs, int64_t a_cs, const Pac
     float* ap = thread_scratch(0, MC * KG);
     float* crow[MC];
     for (int64_t i = 0; i < rows; ++i) crow[i] = c.row(m0 + i);
-    const int64_t rows_p = (rows + MR - 1) / MR * MR;
+    const int64_t rows_p = round_up(rows, MR);
     for (int64_t g0 = 0; g0 < K; g0 += KG) {
       const int64_t g1 = std::min(K, g0 + KG);
       for (int64_t k0 = g0; k0 < g1; k0 += KC)

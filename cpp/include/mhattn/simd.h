@@ -8,7 +8,7 @@
 // A target provides: V (a vector of W floats), vload/vstore (unaligned), vset1, vzero, vadd,
 // vsub, vmul, vdiv, vfma (a*b + c), vmax, vmin, vclamp (keeps NaN), vabs, vselect_nonneg
 // (x >= 0 ? a : b, lane by lane), vhsum, vhmax, vtranspose (a W × W block held in W vectors),
-// and vexp; and with_rows, for the kernels' register tiles.
+// and vexp; and with_rows, for the kernels' register tiles, and round_up, for their padded sizes.
 // Not here: anything that depends on a kernel's shapes; that lives in the kernel's own file.
 #pragma once
 
@@ -256,6 +256,9 @@ inline void with_rows(int64_t r, F&& f) {
     if (r < MAX) return with_rows<MAX - 1>(r, f);
   f(std::integral_constant<int, MAX>{});
 }
+
+// x rounded up to a multiple of m.
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 }  // namespace MHATTN_TARGET
 }  // namespace mhattn
