@@ -132,6 +132,23 @@ def test_vector_exp_within_2_ulp(isa):
     assert special[5] == special[6] == _core._vexp(np.array([88.0], np.float32))[0]
 
 
+def test_softmax_exp_within_its_bound(isa):
+    # vexp_softmax, for the softmax's x <= 0: within 2 ulp of 2^x2, x2 = x·log2(e) in float,
+    # whose two roundings (of log2(e) and of the product) add at most |x|·7.5e-8 relative
+    # (simd.h). Then below 2^-126 (x < -87.34) only tiny values, and exactly 0 from x = -105 down
+    # (2^-151.5), -inf included.
+    every = (np.arange(2 ** 24, dtype=np.uint32) + np.uint32(0x3C000000)).view(np.float32)
+    for x in (np.linspace(-87.33, 0.0, 2_000_003, dtype=np.float32), -every):
+        got = _core._vexp(x, softmax=True)
+        want = np.exp(x.astype(np.float64))
+        bound = EXP_MAX_ULP * np.spacing(want.astype(np.float32)) + np.abs(x) * 7.5e-8 * want
+        assert np.all(np.abs(got - want) <= bound)
+    tail = _core._vexp(np.linspace(-105.0, -87.34, 100_001, dtype=np.float32), softmax=True)
+    assert np.all((tail >= 0) & (tail < 2.0 ** -126))
+    special = _core._vexp(np.array([-np.inf, -1e30, -105.0, np.nan, 0.0], np.float32), softmax=True)
+    assert np.all(special[:3] == 0) and np.isnan(special[3]) and special[4] == 1
+
+
 def test_linear_layer_packs_once_and_matches_reference(isa, rng):
     w, b = mat(rng, 33, 70), mat(rng, 33)
     layer = mhattn.Linear(w, b)

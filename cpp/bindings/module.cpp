@@ -317,11 +317,13 @@ PYBIND11_MODULE(_core, m) {
     return mhattn::read_memory(in, n);
   }, "x"_a, "Sum of x read with mhattn's threads (the benchmark times it for bandwidth).");
 
-  m.def("_vexp", [](const py::array& x) {
+  m.def("_vexp", [](const py::array& x, bool softmax) {
     const float* in = in_f32(x, "x", 1);
     require(x.shape(0) <= 1 || st(x, 0) == 1, "x must be contiguous");
     py::array_t<float> out(x.shape(0));
-    mhattn::kernels().vexp(out.mutable_data(), in, x.shape(0));
+    mhattn::kernels().vexp(out.mutable_data(), in, x.shape(0), softmax);
     return out;
-  }, "x"_a, "exp of each element through the kernels' vector exp (for testing its accuracy).");
+  }, "x"_a, "softmax"_a = false,
+     "exp of each element through the kernels' vector exp, or with softmax=True the softmax's\n"
+     "(for x <= 0); for testing their accuracy.");
 }

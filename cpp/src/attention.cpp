@@ -481,6 +481,11 @@ constexpr int kLanesKeys = 8;
 // Dims of oT per P·V register tile: 16 accumulators of AVX-512's 32 registers, beside P[j] and
 // the broadcasts.
 constexpr int kLanesOut = 16;
+// Keys between a P[j]'s exp and the FMAs that read it (pv_lanes). Without the gap, the FMAs of
+// each key wait for its exp and the two barely overlap: in one A/B run, computing the exps in
+// pv_lanes with 4 keys ahead made H64 E12 1.13x as fast as a loop of exps before P · V (2 keys:
+// 1.07x; 8 keys: 1.12x).
+constexpr int64_t kExpAhead = 4;
 
 // sT (NJ × W) = qT (E × W) · kᵀ for NJ keys (rows of k, k_ss apart); mx becomes the lane-wise
 // max of mx and the scores.
@@ -498,17 +503,32 @@ void qk_lanes(float* sT, V& mx, const float* qT, const float* k, int64_t k_ss, i
   }
 }
 
-// oT (NE × W) = oT · alpha + Σ_j p[j] (W) · v[j][e] over bk keys, for NE dims of v (rows v_ss
-// apart).
-template <int NE>
-void pv_lanes(float* oT, V alpha, const float* p, const float* v, int64_t v_ss, int64_t bk) {
+// oT (NE × W) = oT · alpha + Σ_j P[j] (W) · v[j][e] over bk keys, for NE dims of v (rows v_ss
+// apart). P (bk × W) is at p; with Exp, p holds the scores S and the exps are taken here:
+// P[j] = exp(S[j] - m) written over S[j] (for the other register tiles of oT) and added to sum.
+// Each key's P is computed kExpAhead keys before the FMAs that read it, so the exps run beside
+// the FMAs of earlier keys instead of holding up their own.
+template <int NE, bool Exp>
+void pv_lanes(float* oT, V alpha, float* p, const float* v, int64_t v_ss, int64_t bk, V m,
+              V& sum) {
+  V total = sum;  // a local: sum could alias p (vector types may alias float)
+  auto exp_key = [&](int64_t j) {
+    const V pj = vexp_softmax(vsub(vload(p + j * W), m));
+    vstore(p + j * W, pj);
+    total = vadd(total, pj);
+  };
+  if constexpr (Exp)
+    for (int64_t j = 0; j < std::min(kExpAhead, bk); ++j) exp_key(j);
   V acc[NE];
   for (int e = 0; e < NE; ++e) acc[e] = vmul(vload(oT + e * W), alpha);
   for (int64_t j = 0; j < bk; ++j) {
+    if constexpr (Exp)
+      if (j + kExpAhead < bk) exp_key(j + kExpAhead);
     const V pj = vload(p + j * W);
     for (int e = 0; e < NE; ++e) acc[e] = vfma(pj, vset1(v[j * v_ss + e]), acc[e]);
   }
   for (int e = 0; e < NE; ++e) vstore(oT + e * W, acc[e]);
+  sum = total;
 }
 
 // Step 3 on the lanes path for a mask that holds one value per key for all the rows of a tile
@@ -638,25 +658,25 @@ void lanes_block(const AttnArgs& a, const KeyBlocks& kb, const Row* rows, int64_
   }
   // m starts at -FLT_MAX, not -inf: a row with no visible key so far keeps m' = -FLT_MAX, so
   // exp(m - m') = 1 and P = exp(-inf - m') = 0 with no special case, and l stays 0.
-  const V m_old = vload(m), m_new = vmax(m_old, mx), alpha = vexp(vsub(m_old, m_new));
+  const V m_old = vload(m), m_new = vmax(m_old, mx), alpha = vexp_softmax(vsub(m_old, m_new));
+  // oT in register tiles of near-equal height, at most kLanesOut dims each; the first takes the
+  // exps P = exp(sT - m') and their sum.
   V sum = vzero();
-  for (j = 0; j < bk; ++j) {
-    const V p = vexp(vsub(vload(sT + j * W), m_new));
-    vstore(sT + j * W, p);
-    sum = vadd(sum, p);
-  }
-  vstore(l, vfma(vload(l), alpha, sum));
-  vstore(m, m_new);
-  // oT in register tiles of near-equal height, at most kLanesOut dims each.
   const float* v = kb.v + j0 * a.v_ss;
   const int64_t tiles = (Ev + kLanesOut - 1) / kLanesOut;
   for (int64_t e0 = 0, t = 0; t < tiles; ++t) {
     const int64_t ne = (Ev - e0) / (tiles - t);
     with_rows<kLanesOut>(ne, [&](auto n) {
-      pv_lanes<decltype(n)::value>(oT + e0 * W, alpha, sT, v + e0, a.v_ss, bk);
+      constexpr int NE = decltype(n)::value;
+      if (t == 0)
+        pv_lanes<NE, true>(oT + e0 * W, alpha, sT, v + e0, a.v_ss, bk, m_new, sum);
+      else
+        pv_lanes<NE, false>(oT + e0 * W, alpha, sT, v + e0, a.v_ss, bk, m_new, sum);
     });
     e0 += ne;
   }
+  vstore(l, vfma(vload(l), alpha, sum));
+  vstore(m, m_new);
 }
 
 // out of one task on the lanes path: batch b, kv head kvh, tile rows [r0, r0 + R) of the G·L

@@ -16,7 +16,7 @@ void gemm(const OutMap& c, const float* a, int64_t a_rs, int64_t a_cs, const Pac
           const float* bias, Activation act, int64_t M);
 // softmax.cpp
 void softmax(float* out, const float* x, int64_t rows, int64_t n, int64_t ld);
-void vexp_array(float* out, const float* x, int64_t n);
+void vexp_array(float* out, const float* x, int64_t n, bool softmax);
 // attention.cpp
 void attention(const AttnArgs& args);
 

@@ -25,14 +25,16 @@ void softmax(float* out, const float* x, int64_t rows, int64_t n, int64_t ld) {
   }
 }
 
-// out[i] = exp(x[i]) through vexp, the scalar tail padded into one vector.
-void vexp_array(float* out, const float* x, int64_t n) {
+// out[i] = exp(x[i]) through vexp, or vexp_softmax when `softmax`; the scalar tail padded into
+// one vector.
+void vexp_array(float* out, const float* x, int64_t n, bool softmax) {
+  auto f = [softmax](V v) { return softmax ? vexp_softmax(v) : vexp(v); };
   int64_t i = 0;
-  for (; i + W <= n; i += W) vstore(out + i, vexp(vload(x + i)));
+  for (; i + W <= n; i += W) vstore(out + i, f(vload(x + i)));
   if (i < n) {
     float buf[W] = {};
     std::copy(x + i, x + n, buf);
-    vstore(buf, vexp(vload(buf)));
+    vstore(buf, f(vload(buf)));
     std::copy(buf, buf + (n - i), out + i);
   }
 }

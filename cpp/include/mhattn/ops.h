@@ -96,8 +96,9 @@ struct Kernels {
   // out = softmax(x) over each row of n; rows apart by ld in both. out may equal x.
   void (*softmax)(float* out, const float* x, int64_t rows, int64_t n, int64_t ld);
   void (*attention)(const AttnArgs& args);
-  // out[i] = exp(x[i]) with the kernels' vector exp; for testing its accuracy.
-  void (*vexp)(float* out, const float* x, int64_t n);
+  // out[i] = exp(x[i]) with the kernels' vector exp, or the softmax's (vexp_softmax, for
+  // x <= 0) when `softmax`; for testing their accuracy.
+  void (*vexp)(float* out, const float* x, int64_t n, bool softmax);
 };
 
 namespace generic { const Kernels* kernels(); }

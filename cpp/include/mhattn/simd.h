@@ -8,7 +8,8 @@
 // A target provides: V (a vector of W floats), vload/vstore (unaligned), vset1, vzero, vadd,
 // vsub, vmul, vdiv, vfma (a*b + c), vmax, vmin, vclamp (keeps NaN), vabs, vselect_nonneg
 // (x >= 0 ? a : b, lane by lane), vhsum, vhmax, vtranspose (a W × W block held in W vectors),
-// and vexp; and with_rows, for the kernels' register tiles, and round_up, for their padded sizes.
+// vexp and vexp_softmax (exp of x <= 0, as the softmax needs it); and with_rows, for the
+// kernels' register tiles, and round_up, for their padded sizes.
 // Not here: anything that depends on a kernel's shapes; that lives in the kernel's own file.
 #pragma once
 
@@ -54,6 +55,14 @@ inline V vselect_nonneg(V x, V a, V b) {
 }
 inline float vhsum(V v) { return _mm512_reduce_add_ps(v); }
 inline float vhmax(V v) { return _mm512_reduce_max_ps(v); }
+// 2^(j/16) for j = 0 .. 15, the table of both exps below (vpermps picks from it).
+inline V exp2_sixteenths() {
+  return _mm512_setr_ps(
+      1.0f, 1.0442737340927124f, 1.0905077457427979f, 1.1387885808944702f, 1.1892070770263672f,
+      1.2418577671051025f, 1.2968395948410034f, 1.3542555570602417f, 1.4142135381698608f,
+      1.4768261909484863f, 1.5422108173370361f, 1.610490322113037f, 1.6817928552627563f,
+      1.7562521696090698f, 1.8340080976486206f, 1.9152065515518188f);
+}
 // exp(x), with the same contract as the other targets' vexp below (within 2 ulp on
 // [-87.3, 88], 0 below, exp(88) above, NaN stays NaN), in 12 instructions rather than 20:
 // exp(x) = 2^floor(k/16) · 2^(j/16) · exp(r), with k = round(x · 16/ln2), j = k mod 16 and
@@ -63,11 +72,6 @@ inline float vhmax(V v) { return _mm512_reduce_max_ps(v); }
 // so short an interval exp(r) - 1 = r + r²/2 + r³/6 to within 1e-8. ln2 is split as for the
 // other targets (0.693359375 is exact in float, and k/16 · 0.693359375 too).
 inline V vexp(V x) {
-  const V table = _mm512_setr_ps(
-      1.0f, 1.0442737340927124f, 1.0905077457427979f, 1.1387885808944702f, 1.1892070770263672f,
-      1.2418577671051025f, 1.2968395948410034f, 1.3542555570602417f, 1.4142135381698608f,
-      1.4768261909484863f, 1.5422108173370361f, 1.610490322113037f, 1.6817928552627563f,
-      1.7562521696090698f, 1.8340080976486206f, 1.9152065515518188f);
   // Lanes below -87.33654 become 0 at the end; those with NaN keep it (the unordered compare).
   const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_NLT_UQ);
   const V xc = _mm512_min_ps(_mm512_set1_ps(88.0f), x);  // NaN passes through min's 2nd operand
@@ -78,9 +82,35 @@ inline V vexp(V x) {
   r = _mm512_fmadd_ps(k16, _mm512_set1_ps(2.12194440e-4f), r);
   const V poly = _mm512_fmadd_ps(r, _mm512_set1_ps(1.0f / 6), _mm512_set1_ps(0.5f));
   const V q = _mm512_fmadd_ps(_mm512_mul_ps(r, r), poly, r);  // exp(r) - 1
-  const V t = _mm512_permutexvar_ps(_mm512_castps_si512(y), table);
+  const V t = _mm512_permutexvar_ps(_mm512_castps_si512(y), exp2_sixteenths());
   const V p = _mm512_fmadd_ps(t, q, t);  // 2^(j/16) · exp(r)
   return _mm512_maskz_scalef_ps(keep, p, k16);
+}
+// exp(x) for the softmax, whose x = s - max is at most 0 (or -inf, or NaN): within 2 ulp of
+// 2^x2, where x2 = x · log2(e) in float. Its two roundings (of log2(e), and of the product)
+// move the result by up to |x| · 7.5e-8 relative: about 1 ulp more at x = -1, and more only
+// where e^x, the weight of the term, is that much smaller. The scores themselves carry a
+// rounding of that order. Bought with it: 2^x2 = 2^(k/16) · 2^r, r = x2 - k/16 an exact
+// subtraction, and a max instead of vexp's clamp and compare. 5 of its 11 instructions are
+// multiplies or FMAs (vexp: 7 of 12, and the compare). On Zen 4 the others (adds, max, scalef)
+// ran beside a stream of FMAs at no cost in a microbenchmark, and a compare or a multiply did
+// not; pv_lanes runs this beside its FMAs. x2 below -152 becomes -152, whose 2^x2 rounds to 0:
+// so exp(-inf) = 0, with no NaN from -inf - -inf. Below 2^-126, denormals. NaN stays NaN (max
+// returns its second operand).
+inline V vexp_softmax(V x) {
+  const V x2 = _mm512_max_ps(_mm512_set1_ps(-152.0f),
+                             _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)));
+  const V shift = _mm512_set1_ps(786432.0f);  // 1.5 · 2^19, as in vexp
+  const V y = _mm512_add_ps(x2, shift);
+  const V k16 = _mm512_sub_ps(y, shift);  // k/16, exactly
+  const V r = _mm512_sub_ps(x2, k16);     // exactly, in [-1/32, 1/32]
+  // 2^r - 1 = r·ln2 + (r·ln2)²/2 + (r·ln2)³/6 to within 1e-8
+  V poly = _mm512_fmadd_ps(r, _mm512_set1_ps(0.0555041086648216f),
+                           _mm512_set1_ps(0.2402265069591007f));
+  poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(0.6931471805599453f));
+  const V q = _mm512_mul_ps(poly, r);
+  const V t = _mm512_permutexvar_ps(_mm512_castps_si512(y), exp2_sixteenths());
+  return _mm512_scalef_ps(_mm512_fmadd_ps(t, q, t), k16);
 }
 // r[i][j] becomes r[j][i], 16 × 16: transpose the 4 × 4 blocks inside each 128-bit lane
 // (unpack, shuffle), then move the lanes into place (two rounds of shuffle_f32x4).
@@ -97,8 +127,10 @@ inline void vtranspose(V r[16]) {
     u[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
   }
   for (int q = 0; q < 4; ++q) {
-    const V x0 = _mm512_shuffle_f32x4(u[q], u[4 + q], 0x88), x1 = _mm512_shuffle_f32x4(u[q], u[4 + q], 0xDD);
-    const V y0 = _mm512_shuffle_f32x4(u[8 + q], u[12 + q], 0x88), y1 = _mm512_shuffle_f32x4(u[8 + q], u[12 + q], 0xDD);
+    const V x0 = _mm512_shuffle_f32x4(u[q], u[4 + q], 0x88);
+    const V x1 = _mm512_shuffle_f32x4(u[q], u[4 + q], 0xDD);
+    const V y0 = _mm512_shuffle_f32x4(u[8 + q], u[12 + q], 0x88);
+    const V y1 = _mm512_shuffle_f32x4(u[8 + q], u[12 + q], 0xDD);
     r[q] = _mm512_shuffle_f32x4(x0, y0, 0x88);
     r[4 + q] = _mm512_shuffle_f32x4(x1, y1, 0x88);
     r[8 + q] = _mm512_shuffle_f32x4(x0, y0, 0xDD);
@@ -149,8 +181,9 @@ inline V vround(V x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM
 inline void vtranspose(V r[8]) {
   V t[8], u[8];
   for (int i = 0; i < 4; ++i) {
-    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);      // r0[0] r1[0] r0[1] r1[1] | [4], [5]
-    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);  // r0[2] r1[2] r0[3] r1[3] | [6], [7]
+    // t[2i]: r0[0] r1[0] r0[1] r1[1] | [4], [5]; t[2i + 1]: r0[2] r1[2] r0[3] r1[3] | [6], [7]
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
   }
   for (int i = 0; i < 2; ++i) {
     u[4 * i + 0] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
@@ -164,7 +197,9 @@ inline void vtranspose(V r[8]) {
   }
 }
 // Lanes where x < lo (false for NaN) become 0.
-inline V vzero_below(V x, V lo, V r) { return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), r); }
+inline V vzero_below(V x, V lo, V r) {
+  return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), r);
+}
 
 #else  // portable: GCC/Clang vector extensions, lowered to SSE2 on x86-64 and NEON on ARM
 
@@ -246,6 +281,8 @@ inline V vexp(V x) {
   p = vfma(p, vmul(r, r), vadd(r, vset1(1.0f)));
   return vzero_below(x, lo, vmul(p, vpow2i(n)));
 }
+// The softmax's exp (AVX-512's vexp_softmax above); vexp itself on the other targets.
+inline V vexp_softmax(V x) { return vexp(x); }
 #endif
 
 // f(std::integral_constant<int, r>) for a run-time row count 1 <= r <= MAX: the register tiles
