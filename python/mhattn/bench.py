@@ -466,15 +466,18 @@ ENGINES = {"mhattn": run_mhattn, "torch": run_torch, "onnxruntime": run_onnxrunt
 _READ_BUFFER = []
 
 
-def read_gbps():
-    """GB/s of one parallel read of 256 MB with mhattn's threads: what the machine reads now."""
-    if not _READ_BUFFER:
-        _READ_BUFFER.append(np.ones(64 << 20, np.float32))
-        _core._read_memory(_READ_BUFFER[0])  # pages it in
-    x = _READ_BUFFER[0]
+def read_gbps(arrays=()):
+    """GB/s of one parallel read, with mhattn's threads, of `arrays` (a case's k and v: the memory
+    the case reads), or else of a 256 MB buffer: what the machine reads now."""
+    if not arrays:
+        if not _READ_BUFFER:
+            _READ_BUFFER.append(np.ones(64 << 20, np.float32))
+            _core._read_memory(_READ_BUFFER[0])  # pages it in
+        arrays = _READ_BUFFER
     t0 = time.perf_counter()
-    _core._read_memory(x)
-    return x.nbytes / (time.perf_counter() - t0) / 1e9
+    for x in arrays:
+        _core._read_memory(x.reshape(-1))
+    return sum(x.nbytes for x in arrays) / (time.perf_counter() - t0) / 1e9
 
 
 def needs_bandwidth(case):
@@ -519,9 +522,11 @@ def bench_case(case, engines, repeats, rounds, pause, min_sample_s, rng):
     inner = {name: calibrate(fn, min_sample_s) for name, fn in fns.items()}
     per_round = max(1, repeats // rounds)
     # A target against the read bandwidth takes the bandwidth measured in the same rounds, as
-    # if it were one more engine: the machine's bandwidth moves with its neighbours' load (one
-    # run measured 52.7 GB/s at its start and 34 GB/s is usual).
+    # if it were one more engine, reading the case's own k and v where it has them. The read
+    # bandwidth moves from run to run and from buffer to buffer: 34 GB/s is usual, but some runs
+    # read 52-60 GB/s from one buffer and 31-35 from another in the same minute.
     reads = [] if needs_bandwidth(case) and "mhattn" in fns else None
+    arrays = tuple(inp[n] for n in ("k", "v") if n in inp)
     for _ in range(rounds):
         for name, fn in fns.items():
             time.sleep(pause)  # let the previous engine's spinning threads go to sleep
@@ -533,7 +538,7 @@ def bench_case(case, engines, repeats, rounds, pause, min_sample_s, rng):
                 res[name]["samples"].append((time.perf_counter() - t0) / inner[name])
         if reads is not None:
             time.sleep(pause)
-            reads += [read_gbps() for _ in range(per_round)]
+            reads += [read_gbps(arrays) for _ in range(per_round)]
     for name in fns:
         s = sorted(res[name]["samples"])
         med = statistics.median(s)
