@@ -166,10 +166,12 @@ def test_thread_count_changes_nothing_beyond_rounding(rng):
         np.testing.assert_allclose(r, results[0], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("Hq,Hkv,L", [(4, 4, 1), (8, 2, 1), (4, 2, 2), (3, 3, 4), (4, 1, 1)])
+@pytest.mark.parametrize("Hq,Hkv,L", [(4, 4, 1), (2, 1, 1), (6, 2, 1), (8, 2, 1), (4, 2, 2),
+                                     (3, 3, 4), (4, 1, 1)])
 @pytest.mark.parametrize("E", [8, 33, 64, 128])
 def test_decode_tiles_of_few_rows(isa, threads, rng, Hq, Hkv, L, E):
-    """Tiles of at most four query rows read k and v in place instead of packing them."""
+    """Tiles of at most four query rows (here 1, 2, 3 and 4) read k and v in place instead of
+    packing them, and take P · V in as few passes over v as their registers allow."""
     q, k, v = qkv(rng, 2, Hq, Hkv, L, 301, E)
     check(q, k, v, enable_gqa=True)
     check(q, k, v, enable_gqa=True, is_causal=True, causal_align="bottom_right")

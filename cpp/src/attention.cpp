@@ -54,6 +54,9 @@ constexpr int64_t KP = 2 * W;
 // kDirectBlockKeys keys (a multiple of every W).
 constexpr int64_t kDirectRows = 4;
 constexpr int64_t kDirectBlockKeys = 1024;
+// Accumulators of the direct path's P · V register tiles (pv_rows): half the vector registers
+// (16 of AVX-512's 32; 8 of AVX2's 16).
+constexpr int kPassAccumulators = W == 16 ? 16 : 8;
 // Heads with at least this many tiles of BQ_MIN rows have their key blocks packed once per call.
 constexpr int64_t kPrepackTiles = 16;
 // Split-S: direct-path calls with fewer than kSplitTasksPerThread tasks per thread cut their
@@ -189,11 +192,13 @@ void pv_rows(float* o, const float* p, int64_t ldp, const float* v, int64_t ldv,
     if (c < evp) pv_tile<R, 1>(o + c, evp, p, ldp, v + c * bk, W, bk);
     return;
   }
-  // One or two rows leave registers for 8 or 4 vectors of v per key: fewer, longer passes
-  // over v (one pass over a 128-dim head with AVX-512 and one row).
-  if (R == 1)
+  // Few rows leave registers for more vectors of v per key: fewer, longer passes over v, which
+  // lies in memory with its rows apart. Up to kPassAccumulators accumulators: the v vectors are
+  // memory operands of the FMAs and need no registers. One pass over a 128-dim head with
+  // AVX-512 and one or two rows, two with four (GQA decode: 4 query heads per kv head).
+  if (R * 8 <= kPassAccumulators)
     for (; c + 8 * W <= evp; c += 8 * W) pv_tile<R, 8>(o + c, evp, p, ldp, v + c, ldv, bk);
-  if (R <= 2)
+  if (R * 4 <= kPassAccumulators)
     for (; c + 4 * W <= evp; c += 4 * W) pv_tile<R, 4>(o + c, evp, p, ldp, v + c, ldv, bk);
   for (; c + 2 * W <= evp; c += 2 * W) pv_tile<R, 2>(o + c, evp, p, ldp, v + c, ldv, bk);
   if (c < evp) pv_tile<R, 1>(o + c, evp, p, ldp, v + c, ldv, bk);
