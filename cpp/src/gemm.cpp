@@ -118,9 +118,9 @@ void store_tile(const V (&t)[R][NV], const OutMap& c, float* const* crow, int64_
   }
   // Edge of N, or a tile that straddles column groups (heads of fewer than NR dims, or one
   // head's last dims and the next one's first): through a buffer, a run of columns inside one
-  // group at a time, contiguous in C. OutMap::col divides, so it is worked out per run: called
-  // twice per element instead, it made the layer at width 768, L = 512 take 21.4 ms at H = 32
-  // and 22.0 ms at H = 64 (E = 24, 12), against 16.7 and 17.5 ms per run (15.6 at H = 12).
+  // group at a time, contiguous in C. OutMap::col divides, so it is worked out once per run.
+  // Worked out twice per element, it made the layer at width 768, L = 512 take 21.4 ms at
+  // H = 32 and 22.0 ms at H = 64 (E = 24, 12); once per run, 16.7 and 17.5 ms (H = 12: 15.6).
   float tile[R * NR];
   for (int i = 0; i < R; ++i)
     for (int v = 0; v < NV; ++v) vstore(tile + i * NR + v * W, t[i][v]);
