@@ -118,10 +118,15 @@ def test_softmax_masked_rows_and_nan(isa):
     assert np.all(np.isnan(got[2]))
 
 
+def every_float_from_2_to_the_minus_7_to_2():
+    """Every float32 in [2^-7, 2), where an exp's range reduction and low terms matter most."""
+    return (np.arange(2 ** 24, dtype=np.uint32) + np.uint32(0x3C000000)).view(np.float32)
+
+
 def test_vector_exp_within_2_ulp(isa):
     # The whole range, and every float of magnitude in [2^-7, 2), where the range reduction
     # and the polynomial's low-order terms matter most.
-    every = (np.arange(2 ** 24, dtype=np.uint32) + np.uint32(0x3C000000)).view(np.float32)
+    every = every_float_from_2_to_the_minus_7_to_2()
     for x in (np.linspace(-87.3, 88.0, 2_000_003, dtype=np.float32), every, -every):
         got = _core._vexp(x)
         want = np.exp(x.astype(np.float64))
@@ -137,7 +142,7 @@ def test_softmax_exp_within_its_bound(isa):
     # whose two roundings (of log2(e) and of the product) add at most |x|·7.5e-8 relative
     # (simd.h). Then below 2^-126 (x < -87.34) only tiny values, and exactly 0 from x = -105 down
     # (2^-151.5), -inf included.
-    every = (np.arange(2 ** 24, dtype=np.uint32) + np.uint32(0x3C000000)).view(np.float32)
+    every = every_float_from_2_to_the_minus_7_to_2()
     for x in (np.linspace(-87.33, 0.0, 2_000_003, dtype=np.float32), -every):
         got = _core._vexp(x, softmax=True)
         want = np.exp(x.astype(np.float64))

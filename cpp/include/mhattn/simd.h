@@ -55,22 +55,25 @@ inline V vselect_nonneg(V x, V a, V b) {
 }
 inline float vhsum(V v) { return _mm512_reduce_add_ps(v); }
 inline float vhmax(V v) { return _mm512_reduce_max_ps(v); }
-// 2^(j/16) for j = 0 .. 15, the table of both exps below (vpermps picks from it).
-inline V exp2_sixteenths() {
-  return _mm512_setr_ps(
+// 2^(j/16) · (1 + q), j the low four bits of y (both exps below leave k there): vpermps picks
+// 2^(j/16) from a table of 16 held in one register.
+inline V exp2_sixteenths_times(V y, V q) {
+  const V table = _mm512_setr_ps(
       1.0f, 1.0442737340927124f, 1.0905077457427979f, 1.1387885808944702f, 1.1892070770263672f,
       1.2418577671051025f, 1.2968395948410034f, 1.3542555570602417f, 1.4142135381698608f,
       1.4768261909484863f, 1.5422108173370361f, 1.610490322113037f, 1.6817928552627563f,
       1.7562521696090698f, 1.8340080976486206f, 1.9152065515518188f);
+  const V t = _mm512_permutexvar_ps(_mm512_castps_si512(y), table);
+  return _mm512_fmadd_ps(t, q, t);
 }
 // exp(x), with the same contract as the other targets' vexp below (within 2 ulp on
 // [-87.3, 88], 0 below, exp(88) above, NaN stays NaN), in 12 instructions rather than 20:
 // exp(x) = 2^floor(k/16) · 2^(j/16) · exp(r), with k = round(x · 16/ln2), j = k mod 16 and
 // r = x - k · ln2/16 in [-ln2/32, ln2/32]. Adding 1.5 · 2^19, whose float spacing is 1/16, rounds
-// x/ln2 to k/16 and leaves k in the low bits of the sum: vpermps reads j from its low four bits
-// and picks 2^(j/16) from a table held in one register; vscalefps scales by 2^floor of k/16. On
-// so short an interval exp(r) - 1 = r + r²/2 + r³/6 to within 1e-8. ln2 is split as for the
-// other targets (0.693359375 is exact in float, and k/16 · 0.693359375 too).
+// x/ln2 to k/16 and leaves k in the low bits of the sum, where exp2_sixteenths_times reads j;
+// vscalefps scales by 2^floor of k/16. On so short an interval exp(r) - 1 = r + r²/2 + r³/6 to
+// within 1e-8. ln2 is split as for the other targets (0.693359375 is exact in float, and
+// k/16 · 0.693359375 too).
 inline V vexp(V x) {
   // Lanes below -87.33654 become 0 at the end; those with NaN keep it (the unordered compare).
   const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_NLT_UQ);
@@ -82,9 +85,7 @@ inline V vexp(V x) {
   r = _mm512_fmadd_ps(k16, _mm512_set1_ps(2.12194440e-4f), r);
   const V poly = _mm512_fmadd_ps(r, _mm512_set1_ps(1.0f / 6), _mm512_set1_ps(0.5f));
   const V q = _mm512_fmadd_ps(_mm512_mul_ps(r, r), poly, r);  // exp(r) - 1
-  const V t = _mm512_permutexvar_ps(_mm512_castps_si512(y), exp2_sixteenths());
-  const V p = _mm512_fmadd_ps(t, q, t);  // 2^(j/16) · exp(r)
-  return _mm512_maskz_scalef_ps(keep, p, k16);
+  return _mm512_maskz_scalef_ps(keep, exp2_sixteenths_times(y, q), k16);
 }
 // exp(x) for the softmax, whose x = s - max is at most 0 (or -inf, or NaN): within 2 ulp of
 // 2^x2, where x2 = x · log2(e) in float. Its two roundings (of log2(e), and of the product)
@@ -109,8 +110,7 @@ inline V vexp_softmax(V x) {
                            _mm512_set1_ps(0.2402265069591007f));
   poly = _mm512_fmadd_ps(poly, r, _mm512_set1_ps(0.6931471805599453f));
   const V q = _mm512_mul_ps(poly, r);
-  const V t = _mm512_permutexvar_ps(_mm512_castps_si512(y), exp2_sixteenths());
-  return _mm512_scalef_ps(_mm512_fmadd_ps(t, q, t), k16);
+  return _mm512_scalef_ps(exp2_sixteenths_times(y, q), k16);
 }
 // r[i][j] becomes r[j][i], 16 × 16: transpose the 4 × 4 blocks inside each 128-bit lane
 // (unpack, shuffle), then move the lanes into place (two rounds of shuffle_f32x4).
