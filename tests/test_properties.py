@@ -15,13 +15,22 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 
 import mhattn  # noqa: E402
 from mhattn import reference as ref  # noqa: E402
-from tolerances import TOL  # noqa: E402
+from tolerances import BF16, TOL, assert_close  # noqa: E402
 
 settings.register_profile("ci", max_examples=60, derandomize=True, deadline=None, print_blob=True)
 settings.register_profile("long", max_examples=3000, deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("MHATTN_HYPOTHESIS", "ci"))
 
-DTYPES = [np.float32, np.float64, np.float16]
+DTYPES = [np.float32, np.float64, np.float16, BF16]
+
+
+def result_dtype(dtype):
+    return np.float32 if dtype == np.float64 else dtype
+
+
+def f32(a):
+    """The input as the kernels see it (float64 narrowed to float32), for the reference."""
+    return None if a is None else a.astype(np.float32)
 
 
 def array(draw, shape, dtype=np.float32, scale=1.0):
@@ -65,11 +74,9 @@ def sdpa_case(draw):
 @given(sdpa_case())
 def test_sdpa_matches_reference(case):
     q, k, v, kw = case
-    want = ref.scaled_dot_product_attention(q.astype(np.float32), k.astype(np.float32),
-                                            v.astype(np.float32), **kw)
+    want = ref.scaled_dot_product_attention(f32(q), f32(k), f32(v), **kw)
     got = mhattn.scaled_dot_product_attention(q, k, v, **kw)
-    assert got.dtype == np.float32
-    np.testing.assert_allclose(got, want, **TOL["attention"])
+    assert_close(got, want, "attention", result_dtype(q.dtype))
 
 
 @given(st.data())
@@ -80,10 +87,9 @@ def test_linear_and_matmul_match_reference(data):
     w = array(data.draw, (N, K), dtype)
     b = array(data.draw, (N,), dtype) if data.draw(st.booleans()) else None
     act = data.draw(st.sampled_from(ref.ACTIVATIONS))
-    f = (lambda a: None if a is None else a.astype(np.float32))
-    np.testing.assert_allclose(mhattn.linear(x, w, b, activation=act), ref.linear(f(x), f(w), f(b), act),
-                               **TOL["gemm"])
-    np.testing.assert_allclose(mhattn.matmul(x, w.T), ref.matmul(f(x), f(w).T), **TOL["gemm"])
+    assert_close(mhattn.linear(x, w, b, activation=act), ref.linear(f32(x), f32(w), f32(b), act),
+                 "gemm", result_dtype(dtype))
+    assert_close(mhattn.matmul(x, w.T), ref.matmul(f32(x), f32(w).T), "gemm", result_dtype(dtype))
 
 
 @given(st.data())
@@ -91,8 +97,8 @@ def test_softmax_matches_reference(data):
     shape = tuple(data.draw(st.integers(1, 9)) for _ in range(data.draw(st.integers(1, 3))))
     axis = data.draw(st.integers(-len(shape), len(shape) - 1))
     x = array(data.draw, shape, data.draw(st.sampled_from(DTYPES)), scale=5.0)
-    np.testing.assert_allclose(mhattn.softmax(x, axis=axis), ref.softmax(x.astype(np.float32), axis=axis),
-                               **TOL["softmax"])
+    assert_close(mhattn.softmax(x, axis=axis), ref.softmax(f32(x), axis=axis), "softmax",
+                 result_dtype(x.dtype))
 
 
 @given(st.data())

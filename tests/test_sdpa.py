@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 import mhattn
-from mhattn import reference as ref
-from tolerances import assert_close
+from mhattn import _core, reference as ref
+from tolerances import BF16, assert_close
 
 
 def qkv(rng, B, Hq, Hkv, L, S, E, Ev=None):
@@ -129,11 +129,45 @@ def test_non_contiguous_inputs(isa, rng):
     check(q[:, ::-1], k[:, ::-1], v[:, ::-1])            # negative strides
 
 
-def test_float64_and_float16_inputs_are_converted(rng):
+@pytest.mark.parametrize("dtype", [np.float16, BF16, np.float64])
+def test_output_has_the_input_dtype(isa, rng, dtype):
+    q, k, v = (a.astype(dtype) for a in qkv(rng, 2, 3, 3, 17, 21, 24))
+    mask = (rng.standard_normal((17, 21)) * 2).astype(np.float16)  # a float mask of any dtype
+    got = mhattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
+    want = ref.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
+    assert_close(got, want, "attention", np.float32 if dtype == np.float64 else dtype)
+
+
+def test_query_key_and_value_must_share_a_dtype(rng):
     q, k, v = qkv(rng, 1, 2, 2, 5, 6, 8)
-    got = mhattn.scaled_dot_product_attention(q.astype(np.float64), k.astype(np.float16), v)
-    assert got.dtype == np.float32
-    assert_close(got, ref.scaled_dot_product_attention(q, k.astype(np.float16), v), "attention")
+    with pytest.raises(TypeError, match="query float32, key float16, value float32"):
+        mhattn.scaled_dot_product_attention(q, k.astype(np.float16), v)
+
+
+@pytest.mark.parametrize("cap", [0.5, 20.0])
+@pytest.mark.parametrize("L,S,G", [(1, 1100, 1), (3, 70, 1), (33, 45, 1), (40, 130, 4)])
+def test_softcap_caps_the_scores_before_the_masks(isa, rng, cap, L, S, G):
+    q, k, v = qkv(rng, 2, 2 * G, 2, L, S, 24)
+    q *= 4.0  # scores of several units, where tanh bends
+    mask = rng.random((L, S)) < 0.8
+    for kw in ({}, {"is_causal": True, "causal_align": "bottom_right"}, {"attn_mask": mask},
+               {"attn_mask": np.where(mask, 0.5, -np.inf).astype(np.float32), "window": 7}):
+        got = mhattn.scaled_dot_product_attention(q, k, v, enable_gqa=G > 1, softcap=cap, **kw)
+        want = ref.scaled_dot_product_attention(q, k, v, enable_gqa=G > 1, softcap=cap, **kw)
+        assert_close(got, want, "attention")
+
+
+def test_softcap_gives_the_weights_it_attends_with(rng):
+    # The weights come from a second pass over the keys: the cap must be applied in both.
+    q, k, v = qkv(rng, 1, 2, 2, 9, 40, 16)
+    q *= 4.0
+    out = np.empty((1, 2, 9, 16), np.float32)
+    weights = np.zeros((1, 2, 9, 40), np.float32)
+    _core.attention(out, weights, q, k, v, None, None, False, 0, 0, 0.25, 3.0)
+    want = ref.scaled_dot_product_attention(q, k, v, scale=0.25, softcap=3.0)
+    assert_close(out, want, "attention")
+    scores = 3.0 * np.tanh(q.astype(np.float64) @ np.swapaxes(k, -1, -2) * 0.25 / 3.0)
+    assert_close(weights, ref.softmax(scores), "attention")
 
 
 @pytest.mark.parametrize("L,S", [(0, 5), (5, 0), (0, 0)])

@@ -4,6 +4,7 @@ Every op's inputs are scaled so its outputs are of order 1, so an absolute floor
 part fits all sizes the tests use (K up to 2500, S up to a few hundred, E up to 256).
 """
 
+import ml_dtypes
 import numpy as np
 
 TOL = {
@@ -20,9 +21,25 @@ TOL = {
 }
 EXP_MAX_ULP = 2.0
 
+# Results in bfloat16 and float16, against the float64 reference on the same (already rounded)
+# inputs, for every op: the result's own rounding (half an ulp: 2^-9 and 2^-12 relative) plus
+# what computing in that precision adds. Five times tighter than PyTorch's own CPU tests use
+# (bfloat16 atol = rtol = 5e-2, float16 1e-2).
+BF16 = np.dtype(ml_dtypes.bfloat16)
+TOL_HALF = {
+    BF16: dict(rtol=1e-2, atol=1e-2),
+    np.dtype(np.float16): dict(rtol=2e-3, atol=2e-3),
+}
 
-def assert_close(actual, expected, op):
+
+def tol(op, dtype=np.float32):
+    """The tolerance of op for a result of this dtype."""
+    return TOL_HALF.get(np.dtype(dtype), TOL[op])
+
+
+def assert_close(actual, expected, op, dtype=np.float32):
+    """actual, of the given dtype, equals expected within op's tolerance for that dtype."""
     actual = np.asarray(actual)
-    assert actual.dtype == np.float32, f"{op}: result dtype {actual.dtype}, want float32"
+    assert actual.dtype == dtype, f"{op}: result dtype {actual.dtype}, want {np.dtype(dtype)}"
     assert actual.shape == np.shape(expected), f"{op}: shape {actual.shape} != {np.shape(expected)}"
-    np.testing.assert_allclose(actual, expected, err_msg=op, **TOL[op])
+    np.testing.assert_allclose(actual.astype(np.float64), expected, err_msg=op, **tol(op, dtype))

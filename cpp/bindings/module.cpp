@@ -184,7 +184,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("attention", [](py::array out, const py::object& weights, const py::array& q,
                         const py::array& k, const py::array& v, const py::object& mask0,
                         const py::object& mask1, bool causal, int64_t diag_offset,
-                        int64_t window, float scale) {
+                        int64_t window, float scale, float softcap) {
     AttnArgs a{};
     a.out = out_f32(out, "out", 4);
     a.q = in_f32(q, "q", 4);
@@ -220,10 +220,11 @@ PYBIND11_MODULE(_core, m) {
     a.causal = causal;
     a.diag_offset = diag_offset;
     a.window = window;
+    a.softcap = softcap;
     py::gil_scoped_release release;
     mhattn::kernels().attention(a);
   }, "out"_a, "weights"_a, "q"_a, "k"_a, "v"_a, "mask0"_a, "mask1"_a, "causal"_a,
-     "diag_offset"_a, "window"_a, "scale"_a);
+     "diag_offset"_a, "window"_a, "scale"_a, "softcap"_a = 0.0f);
 
   // The multi-head attention forward (mha.cpp). Rows of xq are (b, l), or (l, b) when
   // seq_major; rows of xk, xv likewise over the new_keys new key positions. The projections
@@ -287,6 +288,7 @@ PYBIND11_MODULE(_core, m) {
     t.causal = causal;
     t.diag_offset = diag_offset;
     t.window = 0;
+    t.softcap = 0.0f;
     if (!weights.is_none()) {
       auto w = weights.cast<py::array>();
       t.weights = out_f32(w, "weights", 4);

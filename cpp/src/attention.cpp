@@ -326,7 +326,8 @@ void softmax_row(Pass pass, const AttnArgs& a, const Row& r, float* s, const flo
   // 3. masks, then bounds: a key outside the bounds is hidden whatever a float mask adds to it
   // (+inf or NaN included), as in the reference.
   const bool cut = r.lo > j0 || r.hi < j0 + bk;  // the row's bounds leave out part of the block
-  bool masked = bk < bkp || cut;
+  bool masked = bk < bkp || cut || a.softcap > 0;
+  if (a.softcap > 0) vec_softcap(s, bk, a.softcap);  // the cap comes before the masks
   for (int64_t j = bk; j < bkp; ++j) s[j] = -INFINITY;
   for (int mi = 0; mi < 2; ++mi) {
     const MaskArg& mk = a.masks[mi];
@@ -639,8 +640,10 @@ void lanes_block(const AttnArgs& a, const KeyBlocks& kb, const Row* rows, int64_
     with_rows<kLanesKeys>(bk - j, [&](auto n) {
       qk_lanes<decltype(n)::value>(sT + j * W, mx, qT, k + j * a.k_ss, a.k_ss, E);
     });
-  if (cut || a.masks[0].kind != 0 || a.masks[1].kind != 0) {  // step 3, then the max again
+  if (cut || a.masks[0].kind != 0 || a.masks[1].kind != 0 || a.softcap > 0) {
+    // the soft cap, step 3, then the max again
     const V ninf = vset1(-INFINITY);
+    if (a.softcap > 0) vec_softcap(sT, bk * W, a.softcap);
     for (int mi = 0; mi < 2; ++mi)
       if (per_key(a, a.masks[mi]))
         mask_lanes(sT, a.masks[mi], rows[0].mask[mi], j0, bk);

@@ -12,9 +12,15 @@ from __future__ import annotations
 import math
 import operator
 
+import ml_dtypes
 import numpy as np
 
 _F32 = np.dtype(np.float32)
+BF16 = np.dtype(ml_dtypes.bfloat16)
+F16 = np.dtype(np.float16)
+# The dtypes a result keeps; every other float dtype (float64) is computed and returned as
+# float32.
+_KEPT = (_F32, BF16, F16)
 
 
 def _shapes(**arrays):
@@ -37,15 +43,37 @@ class _Shapes:
         return format(str(self), spec)
 
 
+def is_float(dtype):
+    """float16/32/64 and ml_dtypes.bfloat16 (whose NumPy kind is 'V', not 'f')."""
+    return dtype.kind == "f" or dtype == BF16
+
+
+def as_array(x):
+    return x if isinstance(x, np.ndarray) else np.asarray(x)
+
+
 def as_float(x, name):
-    """x as a float32 ndarray; float16/float64 are converted, other dtypes raise TypeError."""
-    a = x if isinstance(x, np.ndarray) else np.asarray(x)
+    """x as a float32 ndarray; bfloat16, float16 and float64 are converted, other dtypes raise
+    TypeError."""
+    a = as_array(x)
     if a.dtype == _F32:
         return a
-    if a.dtype.kind != "f":
-        raise TypeError(f"{name} must be a floating-point array (float32; float16 and float64 are "
-                        f"converted), got dtype {a.dtype}")
+    if not is_float(a.dtype):
+        raise TypeError(f"{name} must be a floating-point array (float32, bfloat16 or float16; "
+                        f"float64 is converted to float32), got dtype {a.dtype}")
     return a.astype(_F32)
+
+
+def result_dtype(*dtypes):
+    """The dtype of a result computed from inputs of these dtypes: theirs when they all share
+    float32, bfloat16 or float16; float32 otherwise (NumPy's promotion, float64 narrowed)."""
+    d = dtypes[0]
+    return d if d in _KEPT and all(e == d for e in dtypes[1:]) else _F32
+
+
+def cast(out, dtype):
+    """out (float32) in the result dtype."""
+    return out if dtype == _F32 else out.astype(dtype)
 
 
 def last_contiguous(a):
@@ -67,6 +95,16 @@ def as_int(x, name, minimum):
     return v
 
 
+def as_positive_float(x, name):
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {type(x).__name__}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise ValueError(f"{name} must be positive and finite, got {v}")
+    return v
+
+
 def rows_2d(x, dim):
     """x (..., dim) as a 2-D (rows, dim) view when the layout allows it, else a copy."""
     return last_contiguous(x.reshape(math.prod(x.shape[:-1]), dim))
@@ -83,7 +121,7 @@ def mask_4d(mask, name, full_shape, shapes, bool_keep):
     m = mask if isinstance(mask, np.ndarray) else np.asarray(mask)
     if m.dtype == np.bool_:
         m, keep = m.view(np.uint8), bool_keep
-    elif m.dtype.kind == "f":
+    elif is_float(m.dtype):
         m, keep = m.astype(_F32, copy=False), 0
     else:
         raise TypeError(f"{name} must be bool or floating point, got dtype {m.dtype}")
@@ -95,10 +133,15 @@ def mask_4d(mask, name, full_shape, shapes, bool_keep):
     return (m, keep)
 
 
-def check_sdpa(query, key, value, attn_mask, is_causal, scale, enable_gqa, causal_align, window):
+def check_sdpa(query, key, value, attn_mask, is_causal, scale, enable_gqa, causal_align, window,
+               softcap=None):
     """Arguments of scaled_dot_product_attention -> what _core.attention takes, plus whether the
-    input had no batch axis."""
-    q, k, v = as_float(query, "query"), as_float(key, "key"), as_float(value, "value")
+    input had no batch axis and the result's dtype."""
+    qa, ka, va = as_array(query), as_array(key), as_array(value)
+    if not qa.dtype == ka.dtype == va.dtype and all(is_float(a.dtype) for a in (qa, ka, va)):
+        raise TypeError(f"query, key and value must have one dtype; got query {qa.dtype}, key "
+                        f"{ka.dtype}, value {va.dtype}")
+    q, k, v = as_float(qa, "query"), as_float(ka, "key"), as_float(va, "value")
     shapes = _Shapes(query=q, key=k, value=v)
     if q.ndim not in (3, 4) or k.ndim != q.ndim or v.ndim != q.ndim:
         raise ValueError("query, key and value must all be (B, H, len, dim) or all (H, len, dim); "
@@ -125,6 +168,8 @@ def check_sdpa(query, key, value, attn_mask, is_causal, scale, enable_gqa, causa
         raise ValueError(f"causal_align must be 'top_left' or 'bottom_right', got {causal_align!r}")
     if window is not None:
         window = as_int(window, "window", 1)
+    if softcap is not None:
+        softcap = as_positive_float(softcap, "softcap")
     if scale is None:
         if E == 0:
             raise ValueError(f"head dim E is 0, so the default scale 1/sqrt(E) is undefined; "
@@ -136,19 +181,21 @@ def check_sdpa(query, key, value, attn_mask, is_causal, scale, enable_gqa, causa
         mask = (mask[0][None], mask[1])
     diag = S - L if causal_align == "bottom_right" else 0
     return (last_contiguous(q), last_contiguous(k), last_contiguous(v), mask, bool(is_causal),
-            diag, window or 0, float(scale), unbatched)
+            diag, window or 0, float(scale), softcap or 0.0, unbatched,
+            result_dtype(qa.dtype))
 
 
 class MhaCall:
     """A checked call of MultiHeadAttention: inputs as 2-D row views and sizes."""
 
-    __slots__ = ("xq", "xk", "xv", "B", "L", "S_new", "unbatched", "masks", "shapes")
+    __slots__ = ("xq", "xk", "xv", "B", "L", "S_new", "unbatched", "masks", "shapes", "dtype")
 
 
 def check_mha(mod, query, key, value, key_padding_mask, attn_mask, kv_cache):
     """Arguments of MultiHeadAttention.__call__ -> MhaCall (masks are left to mha_masks, which
     needs the total key length)."""
-    q = as_float(query, "query")
+    qa = as_array(query)
+    q = as_float(qa, "query")
     self_attention = key is None and value is None
     if (key is None) != (value is None):
         raise ValueError("pass both key and value (cross-attention) or neither (self-attention)")
@@ -161,6 +208,7 @@ def check_mha(mod, query, key, value, key_padding_mask, attn_mask, kv_cache):
     if kv_cache is not None and not self_attention:
         raise ValueError("kv_cache is for self-attention: pass only query (the new tokens)")
     c = MhaCall()
+    c.dtype = result_dtype(qa.dtype)
     c.unbatched = q.ndim == 2
     if c.unbatched:
         q, k, v = q[None], k[None], v[None]

@@ -1,7 +1,11 @@
 """The functional API: scaled_dot_product_attention and the building blocks softmax, linear and
 matmul. Each checks its input (mhattn._checks), allocates the output and calls the C++ core
-with the GIL released. Inputs of another float dtype are converted to float32; outputs are
-float32 arrays.
+with the GIL released. Each also takes torch tensors and then returns torch tensors
+(mhattn._torch).
+
+dtypes: the output has the input's dtype (float32, bfloat16 or float16; float64 gives float32).
+Today bfloat16 and float16 are computed by converting to float32 and back; the README's numeric
+policy says so too.
 """
 
 from __future__ import annotations
@@ -11,36 +15,45 @@ import math
 import numpy as np
 
 from . import _checks, _core
+from ._torch import accepts_tensors
 
 __all__ = ["scaled_dot_product_attention", "softmax", "linear", "matmul"]
 
 
+@accepts_tensors
 def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
-                                 enable_gqa=False, *, causal_align="top_left", window=None):
+                                 enable_gqa=False, *, causal_align="top_left", window=None,
+                                 softcap=None):
     """Attention of query over key/value: softmax(query @ keyᵀ * scale + mask) @ value.
 
     Shapes (as torch.nn.functional.scaled_dot_product_attention):
       query (B, Hq, L, E) or (Hq, L, E); key (B, Hkv, S, E); value (B, Hkv, S, Ev)
       -> (B, Hq, L, Ev) (or (Hq, L, Ev)).
+    query, key and value share one dtype, which the output has (float64 gives float32).
     attn_mask broadcasts to (B, Hq, L, S) and is never expanded: bool True = the key takes
-    part, float = added to the scores. is_causal masks keys after each query's position,
-    aligned top-left (query l sees keys 0..l) or, with causal_align="bottom_right", so that the
-    last query sees every key (what a KV cache needs when L < S). window=W keeps only keys
-    within W positions of the query's (the W most recent with is_causal). scale defaults to
-    1/sqrt(E). enable_gqa lets Hq be a multiple of Hkv: query head h reads kv head
-    h // (Hq // Hkv). A query with no visible key gets zeros, not NaN.
+    part, float (any float dtype) = added to the scores. is_causal masks keys after each
+    query's position, aligned top-left (query l sees keys 0..l) or, with
+    causal_align="bottom_right", so that the last query sees every key (what a KV cache needs
+    when L < S). window=W keeps only keys within W positions of the query's (the W most recent
+    with is_causal). scale defaults to 1/sqrt(E). softcap=c caps each scaled score s to
+    c * tanh(s / c) before the mask is applied (Gemma 2). enable_gqa lets Hq be a multiple of
+    Hkv: query head h reads kv head h // (Hq // Hkv). A query with no visible key gets zeros,
+    not NaN.
     """
-    q, k, v, mask, causal, diag, window, scale, unbatched = _checks.check_sdpa(
-        query, key, value, attn_mask, is_causal, scale, enable_gqa, causal_align, window)
+    q, k, v, mask, causal, diag, window, scale, softcap, unbatched, dtype = _checks.check_sdpa(
+        query, key, value, attn_mask, is_causal, scale, enable_gqa, causal_align, window, softcap)
     B, Hq, L, _ = q.shape
     out = np.empty((B, Hq, L, v.shape[3]), dtype=np.float32)
-    _core.attention(out, None, q, k, v, mask, None, causal, diag, window, scale)
+    _core.attention(out, None, q, k, v, mask, None, causal, diag, window, scale, softcap)
+    out = _checks.cast(out, dtype)
     return out[0] if unbatched else out
 
 
+@accepts_tensors
 def softmax(x, axis=-1):
     """exp(x) / sum(exp(x)) along `axis`, stable (the max is subtracted first).
     A slice that is entirely -inf gives zeros; NaN in a slice makes it NaN."""
+    dtype = _checks.result_dtype(_checks.as_array(x).dtype)
     a = _checks.as_float(x, "x")
     if a.ndim == 0:
         raise ValueError("softmax needs an array with at least one axis, got a scalar")
@@ -51,9 +64,10 @@ def softmax(x, axis=-1):
     rows = np.ascontiguousarray(moved).reshape(math.prod(moved.shape[:-1]), moved.shape[-1])
     out = np.empty_like(rows)
     _core.softmax(out, rows)
-    return np.moveaxis(out.reshape(moved.shape), -1, axis)
+    return np.moveaxis(_checks.cast(out, dtype).reshape(moved.shape), -1, axis)
 
 
+@accepts_tensors
 def linear(x, weight, bias=None, activation=None):
     """activation(x (..., K) @ weight (N, K).T + bias (N)) -> (..., N), weight laid out as
     PyTorch stores it.
@@ -74,6 +88,7 @@ def linear(x, weight, bias=None, activation=None):
 def apply_linear(x, weight_shape, packed, bias, activation_code=0):
     """act(x (..., K) @ W.T + bias), W (N, K) = weight_shape packed as `packed` (checked
     weights, activation as _checks.activation_code gives it)."""
+    dtype = _checks.result_dtype(_checks.as_array(x).dtype)
     a = _checks.as_float(x, "x")
     N, K = weight_shape
     if a.ndim < 1 or a.shape[-1] != K:
@@ -81,12 +96,14 @@ def apply_linear(x, weight_shape, packed, bias, activation_code=0):
     x2 = _checks.rows_2d(a, K)
     out = np.empty((x2.shape[0], N), dtype=np.float32)
     _core.gemm(out, x2, packed, bias, activation_code)
-    return out.reshape(a.shape[:-1] + (N,))
+    return _checks.cast(out, dtype).reshape(a.shape[:-1] + (N,))
 
 
+@accepts_tensors
 def matmul(a, b):
     """a @ b with NumPy's rules: (..., M, K) @ (..., K, N) -> (..., M, N), batch axes broadcast,
     a 1-D operand promoted to a matrix and its axis dropped from the result."""
+    dtype = _checks.result_dtype(_checks.as_array(a).dtype, _checks.as_array(b).dtype)
     x, y = _checks.as_float(a, "a"), _checks.as_float(b, "b")
     shapes = _checks._Shapes(a=x, b=y)
     if x.ndim == 0 or y.ndim == 0:
@@ -105,7 +122,7 @@ def matmul(a, b):
     y3 = np.broadcast_to(y2, batch + (K, N)).reshape(T, K, N)
     out = np.empty((x3.shape[0], M, N), dtype=np.float32)
     _core.matmul(out, x3, y3)
-    out = out.reshape(batch + (M, N))
+    out = _checks.cast(out, dtype).reshape(batch + (M, N))
     if x.ndim == 1:
         out = out[..., 0, :]
     if y.ndim == 1:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _checks, _core, functional
+from ._torch import accepts_tensors, weight_array
 
 __all__ = ["MultiHeadAttention", "KVCache", "Linear"]
 
@@ -41,7 +42,8 @@ class Linear:
     stores its output (see mhattn.linear)."""
 
     def __init__(self, weight, bias=None, activation=None):
-        w, b = _checks.check_linear_weight(weight, bias)
+        w, b = _checks.check_linear_weight(weight_array(weight, "weight"),
+                                           weight_array(bias, "bias"))
         self._activation_code = _checks.activation_code(activation)
         self.activation = activation
         self.weight = np.array(w, np.float32)
@@ -57,6 +59,7 @@ class Linear:
         return (f"Linear(in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}{act})")
 
+    @accepts_tensors
     def __call__(self, x):
         return functional.apply_linear(x, self.weight.shape, self._packed.get()[0], self.bias,
                                        self._activation_code)
@@ -234,9 +237,7 @@ class MultiHeadAttention:
                              f"{unexpected}; expected {sorted(shapes)}")
         state = {}
         for name, shape in shapes.items():
-            w = state_dict[name]
-            if hasattr(w, "detach"):  # a torch tensor
-                w = w.detach().cpu().numpy()
+            w = weight_array(state_dict[name], f"state_dict[{name!r}]")
             w = np.array(_checks.check_weight(f"state_dict[{name!r}]", w, shape), np.float32)
             w.flags.writeable = False
             state[name] = w
@@ -276,6 +277,7 @@ class MultiHeadAttention:
 
     # ---- forward ---------------------------------------------------------------------------
 
+    @accepts_tensors
     def __call__(self, query, key=None, value=None, *, key_padding_mask=None, attn_mask=None,
                  need_weights=False, average_attn_weights=True, is_causal=False, kv_cache=None):
         c = _checks.check_mha(self, query, key, value, key_padding_mask, attn_mask, kv_cache)
@@ -308,7 +310,7 @@ class MultiHeadAttention:
         else:
             out = out.reshape(B, L, self.embed_dim)
         if need_weights:
-            weights = avg if avg is not None else weights
+            weights = _checks.cast(avg if avg is not None else weights, c.dtype)
             if c.unbatched:
                 weights = weights[0]
-        return out, weights
+        return _checks.cast(out, c.dtype), weights

@@ -98,10 +98,12 @@ def visible_keys(L, S, is_causal=False, causal_align="top_left", window=None):
 
 
 def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=False, scale=None,
-                                 enable_gqa=False, *, causal_align="top_left", window=None):
+                                 enable_gqa=False, *, causal_align="top_left", window=None,
+                                 softcap=None):
     """softmax(query @ key.T * scale + mask) @ value, per head.
 
     query (.., Hq, L, E), key (.., Hkv, S, E), value (.., Hkv, S, Ev) -> (.., Hq, L, Ev).
+    softcap=c replaces each score s by c * tanh(s / c) first.
     A bool attn_mask keeps the keys where it is True; a float one is added to the scores.
     With enable_gqa, query head h reads kv head h // (Hq // Hkv).
     """
@@ -112,6 +114,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
         group = q.shape[-3] // k.shape[-3]
         k, v = np.repeat(k, group, axis=-3), np.repeat(v, group, axis=-3)
     scores = q @ np.swapaxes(k, -1, -2) * scale
+    if softcap is not None:
+        scores = softcap * np.tanh(scores / softcap)
     visible = visible_keys(L, S, is_causal, causal_align, window)
     if attn_mask is not None:
         mask = np.asarray(attn_mask)

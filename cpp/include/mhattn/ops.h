@@ -65,6 +65,8 @@ struct MaskArg {
 // the other strides free. weights (B, Hq, L, S) contiguous and zero-filled, or null.
 // Key j is visible to query l when the masks allow it and, with p = l + diag_offset,
 //   causal: j <= p;   window > 0: j > p - window (and j < p + window when not causal).
+// softcap > 0 caps every scaled score s to softcap · tanh(s / softcap) before the masks
+// (Gemma 2's attention logit soft-capping).
 struct AttnArgs {
   float* out;
   int64_t out_sb, out_sh, out_sl;
@@ -81,6 +83,7 @@ struct AttnArgs {
   bool causal;
   int64_t diag_offset;  // 0 for top-left alignment, S - L for bottom-right
   int64_t window;       // 0: no window
+  float softcap;        // 0: no cap
 };
 
 // ---------------------------------------------------------------------------------------------

@@ -45,6 +45,20 @@ inline float vec_exp_sum(float* y, const float* x, int64_t n, float shift) {
 // as zeros rather than NaN. NaN stays NaN.
 inline float recip_or_zero(float x) { return x == 0.0f ? 0.0f : 1.0f / x; }
 
+// x[j] = c · tanh(x[j] / c), with tanh(t) = 1 - 2 / (exp(2t) + 1): exact limits ±c at ±inf
+// (vexp gives 0 below -87 and saturates above 88), NaN stays NaN. Near t = 0 the subtraction
+// loses the low bits: the error is up to about c · 1.2e-7 absolute, which moves a softmax
+// weight by as much relative.
+inline void vec_softcap(float* x, int64_t n, float c) {
+  const V two_over_c = vset1(2.0f / c), one = vset1(1.0f), two = vset1(2.0f), vc = vset1(c);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    const V e = vexp(vmul(vload(x + j), two_over_c));
+    vstore(x + j, vmul(vc, vsub(one, vdiv(two, vadd(e, one)))));
+  }
+  for (; j < n; ++j) x[j] = c * tanhf(x[j] / c);
+}
+
 // y[j] = a * x[j]. y may equal x.
 inline void vec_scale(float* y, const float* x, int64_t n, float a) {
   const V va = vset1(a);
