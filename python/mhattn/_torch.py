@@ -56,7 +56,7 @@ def to_numpy(x, name, weight=False):
 def from_numpy(a):
     """A tensor over the memory of the array a (no copy)."""
     torch = sys.modules["torch"]
-    if a.dtype == BF16:
+    if a.dtype is BF16:
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(a)
 
@@ -68,7 +68,7 @@ def weight_array(w, name):
 
 
 def _to_tensors(result):
-    if isinstance(result, np.ndarray):
+    if type(result) is np.ndarray:
         return from_numpy(result)
     if isinstance(result, tuple):
         return tuple(_to_tensors(r) for r in result)
@@ -78,16 +78,32 @@ def _to_tensors(result):
 def accepts_tensors(fn):
     """fn, taking torch tensors wherever it takes arrays, and then returning tensors."""
     names = list(inspect.signature(fn).parameters)
+    ndarray = np.ndarray
+
+    def with_tensors(T, args, kwargs):
+        new = []
+        for i, a in enumerate(args):
+            if isinstance(a, T):
+                try:
+                    a = a.numpy()  # inline: this path's cost is what a tensor call adds
+                except (TypeError, RuntimeError):
+                    a = to_numpy(a, names[i] if i < len(names) else f"argument {i}")
+            new.append(a)
+        if kwargs:
+            kwargs = {k: to_numpy(v, k) if isinstance(v, T) else v for k, v in kwargs.items()}
+        return _to_tensors(fn(*new, **kwargs))
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        T = tensor_type()
-        if T is None or not (any(isinstance(a, T) for a in args)
-                             or any(isinstance(v, T) for v in kwargs.values())):
-            return fn(*args, **kwargs)
-        args = [to_numpy(a, names[i] if i < len(names) else f"argument {i}")
-                if isinstance(a, T) else a for i, a in enumerate(args)]
-        kwargs = {k: to_numpy(v, k) if isinstance(v, T) else v for k, v in kwargs.items()}
-        return _to_tensors(fn(*args, **kwargs))
+        torch = sys.modules.get("torch")
+        if torch is not None:  # an array is never a tensor: its type is checked first (cheap)
+            T = torch.Tensor
+            for a in args:
+                if type(a) is not ndarray and isinstance(a, T):
+                    return with_tensors(T, args, kwargs)
+            for a in kwargs.values():
+                if type(a) is not ndarray and isinstance(a, T):
+                    return with_tensors(T, args, kwargs)
+        return fn(*args, **kwargs)
 
     return wrapper

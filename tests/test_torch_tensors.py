@@ -1,0 +1,115 @@
+"""torch tensors in and out: every function and layer takes tensors of any strides and dtype,
+returns tensors, reads the inputs in place, and refuses what it cannot serve. Skipped when
+torch is not installed."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import mhattn
+from mhattn import _torch
+from tolerances import BF16, assert_close
+
+torch = pytest.importorskip("torch")
+
+
+def as_np(t):
+    """A tensor's values as NumPy, bfloat16 kept (for comparing against the NumPy call)."""
+    return _torch.to_numpy(t, "t")
+
+
+def same(got, want_np):
+    """got is a tensor holding exactly the NumPy call's result."""
+    assert isinstance(got, torch.Tensor)
+    np.testing.assert_array_equal(as_np(got).astype(np.float64), want_np.astype(np.float64))
+    assert as_np(got).dtype == want_np.dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_sdpa_takes_and_returns_tensors_of_any_strides(rng, dtype):
+    q = torch.randn(2, 9, 3, 24).to(dtype).transpose(1, 2)       # (B, H, L, E) over (B, L, H, E)
+    k = torch.randn(2, 3, 40, 48).to(dtype)[..., ::2]             # strided last axis
+    v = torch.randn(1, 3, 40, 24).to(dtype).expand(2, -1, -1, -1)  # zero batch stride
+    mask = torch.rand(9, 40) < 0.7
+    got = mhattn.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=True)
+    assert got.dtype == dtype and got.shape == (2, 3, 9, 24)
+    same(got, mhattn.scaled_dot_product_attention(as_np(q), as_np(k), as_np(v),
+                                                  attn_mask=mask.numpy(), is_causal=True))
+
+
+def test_inputs_are_read_in_place():
+    for x in (torch.randn(5, 7), torch.randn(7, 5).t(), torch.randn(3, 7).to(torch.bfloat16)):
+        a = _torch.to_numpy(x, "x")
+        assert a.__array_interface__["data"][0] == x.data_ptr()
+        assert a.strides == tuple(s * x.element_size() for s in x.stride())
+
+
+def test_outputs_are_tensors_over_the_result_memory():
+    for a in (np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((3, 2), BF16)):
+        t = _torch.from_numpy(a)
+        assert t.data_ptr() == a.__array_interface__["data"][0]
+        np.testing.assert_array_equal(as_np(t), a)
+
+
+def test_building_blocks_take_tensors(rng):
+    x = torch.randn(6, 10)
+    w, b = torch.randn(4, 10), torch.randn(4)
+    same(mhattn.softmax(x, axis=0), mhattn.softmax(x.numpy(), axis=0))
+    same(mhattn.linear(x, w, b, activation="gelu"), mhattn.linear(x.numpy(), w.numpy(), b.numpy(),
+                                                                   activation="gelu"))
+    same(mhattn.matmul(x, w.t()), mhattn.matmul(x.numpy(), w.numpy().T))
+    same(mhattn.matmul(x.to(torch.bfloat16), w.t().to(torch.bfloat16)),
+         mhattn.matmul(as_np(x.to(torch.bfloat16)), as_np(w.t().to(torch.bfloat16))))
+    lin = mhattn.Linear(torch.nn.Parameter(w), torch.nn.Parameter(b))  # weights may need grad
+    same(lin(x), lin(x.numpy()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layer_takes_tensors_and_a_torch_module(rng, dtype):
+    tm = torch.nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    mod = mhattn.MultiHeadAttention.from_torch(tm)
+    x = torch.randn(2, 7, 32).to(dtype)
+    kpm = torch.zeros(2, 7, dtype=torch.bool)
+    kpm[1, 5:] = True
+    out, w = mod(x, key_padding_mask=kpm, need_weights=True)
+    want, want_w = mod(as_np(x), key_padding_mask=kpm.numpy(), need_weights=True)
+    same(out, want)
+    same(w, want_w)
+    if dtype == torch.float32:
+        with torch.no_grad():
+            t_out, _ = tm(x, x, x, key_padding_mask=kpm, need_weights=False)
+        assert_close(out.numpy(), t_out.numpy(), "torch")
+
+
+def test_bf16_weights_load_into_a_layer(rng):
+    mod = mhattn.MultiHeadAttention(16, 2, seed=0)
+    sd = {k: torch.from_numpy(v).to(torch.bfloat16) for k, v in mod.state_dict().items()}
+    mod.load_state_dict(sd)
+    np.testing.assert_array_equal(mod.in_proj_weight, sd["in_proj_weight"].float().numpy())
+
+
+def test_a_tensor_that_requires_grad_is_refused_while_autograd_is_on():
+    q = torch.randn(1, 2, 3, 8, requires_grad=True)
+    with pytest.raises(TypeError, match=r"query requires grad.*torch.no_grad\(\)"):
+        mhattn.scaled_dot_product_attention(q, q, q)
+    with pytest.raises(TypeError, match="x requires grad"):
+        mhattn.Linear(np.ones((3, 8), np.float32))(torch.randn(2, 8, requires_grad=True))
+    for ctx in (torch.no_grad, torch.inference_mode):
+        with ctx():
+            got = mhattn.scaled_dot_product_attention(q, q, q)
+        same(got, mhattn.scaled_dot_product_attention(*(q.detach().numpy(),) * 3))
+
+
+def test_a_tensor_off_the_cpu_is_refused():
+    x = torch.empty(2, 3, device="meta")
+    with pytest.raises(TypeError, match="x is a tensor on meta; mhattn computes on the CPU"):
+        mhattn.softmax(x)
+
+
+def test_torch_is_not_imported_for_numpy_calls():
+    code = ("import sys, numpy as np, mhattn; x = np.ones((1, 2, 3, 4), np.float32); "
+            "mhattn.scaled_dot_product_attention(x, x, x); mhattn.MultiHeadAttention(8, 2)("
+            "np.ones((1, 3, 8), np.float32)); assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
