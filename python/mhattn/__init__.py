@@ -3,8 +3,10 @@
 A C++ core (SIMD chosen at run time, OpenMP threads) behind a NumPy API that follows PyTorch:
 scaled_dot_product_attention, MultiHeadAttention (with KVCache for decoding), and the building
 blocks softmax, linear (and Linear, its weight packed once) and matmul. mhattn.reference
-defines every op in plain NumPy.
-Everything computes in float32; see the README for the numeric policy.
+defines every op in plain NumPy. Every function and layer also takes torch tensors and then
+returns tensors; `import mhattn.hf` makes mhattn an attention implementation of Hugging Face
+transformers. Results keep the input's dtype (float32, bfloat16, float16), computed in float32
+for now; see the README for the numeric policy.
 """
 
 from __future__ import annotations

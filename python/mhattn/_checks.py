@@ -64,16 +64,20 @@ def as_float(x, name):
     return a.astype(_F32)
 
 
-def result_dtype(*dtypes):
-    """The dtype of a result computed from inputs of these dtypes: theirs when they all share
-    float32, bfloat16 or float16; float32 otherwise (NumPy's promotion, float64 narrowed)."""
-    d = dtypes[0]
-    return d if d in _KEPT and all(e == d for e in dtypes[1:]) else _F32
+def result_dtype(d, other=None):
+    """The dtype of a result computed from inputs of dtype d (and other): theirs when they
+    share float32, bfloat16 or float16; float32 otherwise (NumPy's promotion, float64
+    narrowed)."""
+    if other is not None and other != d:
+        return _F32
+    if d is _F32 or d is BF16 or d is F16:  # identity first: == on dtypes is slow
+        return d
+    return d if d in _KEPT else _F32
 
 
 def cast(out, dtype):
     """out (float32) in the result dtype."""
-    return out if dtype == _F32 else out.astype(dtype)
+    return out if dtype is _F32 or dtype == _F32 else out.astype(dtype)
 
 
 def last_contiguous(a):
@@ -138,7 +142,8 @@ def check_sdpa(query, key, value, attn_mask, is_causal, scale, enable_gqa, causa
     """Arguments of scaled_dot_product_attention -> what _core.attention takes, plus whether the
     input had no batch axis and the result's dtype."""
     qa, ka, va = as_array(query), as_array(key), as_array(value)
-    if not qa.dtype == ka.dtype == va.dtype and all(is_float(a.dtype) for a in (qa, ka, va)):
+    if (not (qa.dtype is ka.dtype is va.dtype or qa.dtype == ka.dtype == va.dtype)
+            and all(is_float(a.dtype) for a in (qa, ka, va))):
         raise TypeError(f"query, key and value must have one dtype; got query {qa.dtype}, key "
                         f"{ka.dtype}, value {va.dtype}")
     q, k, v = as_float(qa, "query"), as_float(ka, "key"), as_float(va, "value")

