@@ -36,6 +36,15 @@ float* out_f32(py::array& a, const char* name, int ndim) {
   in_f32(a, name, ndim);
   return static_cast<float*>(a.mutable_data());  // raises if not writeable
 }
+// An input of dtype code dt (mhattn::DType: 0 float32, 1 bfloat16, 2 float16): float32, or the
+// 16-bit values of a half dtype as a uint16 (or any 2-byte) view.
+const void* in_typed(const py::array& a, const char* name, int ndim, int dt) {
+  if (dt == 0) return in_f32(a, name, ndim);
+  if ((dt != 1 && dt != 2) || a.itemsize() != 2)
+    throw py::type_error(std::string("mhattn._core: ") + name + " must hold 16-bit values");
+  require(a.ndim() == ndim, std::string(name) + " must have " + std::to_string(ndim) + " dims");
+  return a.data();
+}
 const float* opt_f32(const py::object& o, const char* name) {
   return o.is_none() ? nullptr : in_f32(o.cast<py::array>(), name, 1);
 }
@@ -69,12 +78,12 @@ MaskArg to_mask(const py::object& o) {
   return m;
 }
 
-std::shared_ptr<PackedB> pack(const py::array& b) {
-  const float* p = in_f32(b, "b", 2);
+std::shared_ptr<PackedB> pack(const py::array& b, int dtype) {
+  const void* p = in_typed(b, "b", 2, dtype);
   auto out = std::make_shared<PackedB>();
   const int64_t K = b.shape(0), N = b.shape(1), ks = st(b, 0), ns = st(b, 1);
   py::gil_scoped_release release;
-  *out = mhattn::pack_b(p, ks, ns, K, N);
+  *out = mhattn::pack_b(p, static_cast<mhattn::DType>(dtype), ks, ns, K, N);
   return out;
 }
 
@@ -122,17 +131,22 @@ PYBIND11_MODULE(_core, m) {
 
   py::class_<PackedB, std::shared_ptr<PackedB>>(m, "Packed",
                                                 "A (K, N) matrix packed for the GEMM micro-kernel.")
-      .def(py::init(&pack), "b"_a)
+      .def(py::init(&pack), "b"_a, "dtype"_a = 0)
       .def_readonly("K", &PackedB::K)
       .def_readonly("N", &PackedB::N)
+      .def_property_readonly("dtype", [](const PackedB& p) { return static_cast<int>(p.dtype); })
+      .def_property_readonly("layout", [](const PackedB& p) {
+        return p.layout == mhattn::Layout::pairs ? "pairs" : "panels";
+      })
       .def_readonly("target", &PackedB::target);
 
   // out (M, N) = act(a (M, K) · b + bias); out's rows may be strided, its columns contiguous.
   // activation: 0 none, 1 relu, 2 gelu, 3 gelu_tanh, 4 silu (mhattn::Activation).
+  // a_dtype: a's dtype code (in_typed).
   m.def("gemm", [](py::array out, const py::array& a, const PackedB& b, const py::object& bias,
-                   int activation) {
+                   int activation, int a_dtype) {
     float* c = out_f32(out, "out", 2);
-    const float* x = in_f32(a, "a", 2);
+    const void* x = in_typed(a, "a", 2, a_dtype);
     const float* bs = opt_f32(bias, "bias");
     require(a.shape(1) == b.K && out.shape(0) == a.shape(0) && out.shape(1) == b.N &&
                 last_contiguous(out) && (!bs || py::cast<py::array>(bias).shape(0) == b.N),
@@ -144,14 +158,16 @@ PYBIND11_MODULE(_core, m) {
     const OutMap map = OutMap::row_major(c, M, b.N, st(out, 0));
     const auto act = static_cast<mhattn::Activation>(activation);
     py::gil_scoped_release release;
-    mhattn::kernels().gemm(map, x, a_rs, a_cs, b, bs, act, M);
-  }, "out"_a, "a"_a, "b"_a, "bias"_a = py::none(), "activation"_a = 0);
+    mhattn::kernels().gemm(map, x, static_cast<mhattn::DType>(a_dtype), a_rs, a_cs, b, bs, act, M);
+  }, "out"_a, "a"_a, "b"_a, "bias"_a = py::none(), "activation"_a = 0, "a_dtype"_a = 0);
 
-  // out (T, M, N) contiguous = a (T, M, K) · b (T, K, N), any strides (0 where broadcast).
-  m.def("matmul", [](py::array out, const py::array& a, const py::array& b) {
+  // out (T, M, N) contiguous = a (T, M, K) · b (T, K, N), any strides (0 where broadcast), of
+  // dtype codes a_dtype and b_dtype (in_typed).
+  m.def("matmul", [](py::array out, const py::array& a, const py::array& b, int a_dtype,
+                     int b_dtype) {
     float* c = out_f32(out, "out", 3);
-    const float* x = in_f32(a, "a", 3);
-    const float* y = in_f32(b, "b", 3);
+    const char* x = static_cast<const char*>(in_typed(a, "a", 3, a_dtype));
+    const char* y = static_cast<const char*>(in_typed(b, "b", 3, b_dtype));
     const int64_t T = a.shape(0), M = a.shape(1), K = a.shape(2), N = b.shape(2);
     require(b.shape(0) == T && b.shape(1) == K && out.shape(0) == T && out.shape(1) == M &&
                 out.shape(2) == N && last_contiguous(out),
@@ -159,14 +175,16 @@ PYBIND11_MODULE(_core, m) {
     const int64_t as0 = st(a, 0), as1 = st(a, 1), as2 = st(a, 2);
     const int64_t bs0 = st(b, 0), bs1 = st(b, 1), bs2 = st(b, 2);
     const int64_t cs0 = st(out, 0), cs1 = st(out, 1);
+    const auto adt = static_cast<mhattn::DType>(a_dtype), bdt = static_cast<mhattn::DType>(b_dtype);
+    const int64_t asz = a.itemsize(), bsz = b.itemsize();
     py::gil_scoped_release release;
     PackedB packed;
     for (int64_t t = 0; t < T; ++t) {
-      if (t == 0 || bs0 != 0) packed = mhattn::pack_b(y + t * bs0, bs1, bs2, K, N);
-      mhattn::kernels().gemm(OutMap::row_major(c + t * cs0, M, N, cs1), x + t * as0, as1, as2,
-                             packed, nullptr, mhattn::Activation::none, M);
+      if (t == 0 || bs0 != 0) packed = mhattn::pack_b(y + t * bs0 * bsz, bdt, bs1, bs2, K, N);
+      mhattn::kernels().gemm(OutMap::row_major(c + t * cs0, M, N, cs1), x + t * as0 * asz, adt,
+                             as1, as2, packed, nullptr, mhattn::Activation::none, M);
     }
-  }, "out"_a, "a"_a, "b"_a);
+  }, "out"_a, "a"_a, "b"_a, "a_dtype"_a = 0, "b_dtype"_a = 0);
 
   // out (R, n) = softmax over the rows of x (R, n); both C-contiguous, out may be x.
   m.def("softmax", [](py::array out, const py::array& x) {
@@ -237,7 +255,7 @@ PYBIND11_MODULE(_core, m) {
                           const py::object& bk, const py::object& bv, const py::object& bo,
                           py::array qbuf, py::array kvbuf, int64_t kv_pos, int64_t new_keys,
                           bool seq_major, const py::object& mask0, const py::object& mask1,
-                          bool causal, int64_t diag_offset, float scale) {
+                          bool causal, int64_t diag_offset, float scale, int x_dtype) {
     for (const PackedB* w : {&wq, &wk, &wv, &wo}) check_packed(*w);
     mhattn::MhaArgs a{};
     float* q = out_f32(qbuf, "qbuf", 4);
@@ -260,7 +278,8 @@ PYBIND11_MODULE(_core, m) {
     const py::object* bs[3] = {&bq, &bk, &bv};
     for (int i = 0; i < 3; ++i) {
       mhattn::Projection& p = a.proj[i];
-      p.x = in_f32(*xs[i], "x", 2);
+      p.x = in_typed(*xs[i], "x", 2, x_dtype);
+      p.x_dt = static_cast<mhattn::DType>(x_dtype);
       require(last_contiguous(*xs[i]), "projection inputs want contiguous rows");
       p.x_rs = st(*xs[i], 0);
       p.rows = xs[i]->shape(0);
@@ -302,6 +321,7 @@ PYBIND11_MODULE(_core, m) {
       }
     }
     a.out_proj.x = t.out;
+    a.out_proj.x_dt = mhattn::DType::f32;
     a.out_proj.x_rs = D;
     a.out_proj.rows = B * L;
     a.out_proj.w = &wo;

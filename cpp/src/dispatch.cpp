@@ -20,8 +20,9 @@ namespace {
 bool cpu_has_avx2_fma() {
   unsigned a, b, c, d;
   if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
-  const bool fma = c & (1u << 12), osxsave = c & (1u << 27), avx = c & (1u << 28);
-  if (!(fma && osxsave && avx)) return false;
+  const bool fma = c & (1u << 12), osxsave = c & (1u << 27), avx = c & (1u << 28),
+             f16c = c & (1u << 29);
+  if (!(fma && osxsave && avx && f16c)) return false;
   // XCR0 bits 1 and 2: the OS saves the SSE and AVX register state.
   unsigned lo, hi;
   __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
@@ -43,6 +44,14 @@ bool cpu_has_avx512f() {
 }
 #endif
 
+#if defined(MHATTN_HAVE_AVX512BF16)
+bool cpu_has_avx512bf16() {
+  unsigned a, b, c, d;
+  if (!cpu_has_avx512f() || !__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+  return a & (1u << 5);  // CPUID.(7, 1):EAX bit 5, AVX512_BF16
+}
+#endif
+
 struct Target {
   const char* name;
   const Kernels* (*table)();
@@ -56,6 +65,9 @@ const Target kTargets[] = {
 #endif
 #if defined(MHATTN_HAVE_AVX512)
     {"avx512", avx512::kernels, cpu_has_avx512f},
+#endif
+#if defined(MHATTN_HAVE_AVX512BF16)
+    {"avx512bf16", avx512bf16::kernels, cpu_has_avx512bf16},
 #endif
 };
 
@@ -73,15 +85,25 @@ std::atomic<const Kernels*> g_active{choose_at_import()};
 
 const Kernels& kernels() { return *g_active.load(std::memory_order_acquire); }
 
-PackedB pack_b(const float* b, int64_t b_ks, int64_t b_ns, int64_t K, int64_t N) {
+PackedB pack_b(const void* b, DType dt, int64_t b_ks, int64_t b_ns, int64_t K, int64_t N) {
   const Kernels& k = kernels();
   PackedB p;
   p.K = K;
   p.N = N;
   p.nr = k.nr;
+  p.dtype = dt;
+  p.layout = k.b_layout(dt);
   p.target = k.name;
-  p.data.resize(static_cast<size_t>((N + k.nr - 1) / k.nr * k.nr * K));
-  k.pack_b(p.data.data(), b, b_ks, b_ns, K, N);
+  const auto size = static_cast<size_t>(k.packed_size(K, N, dt));
+  void* dst;
+  if (dt == DType::f32) {
+    p.data.resize(size);
+    dst = p.data.data();
+  } else {
+    p.half.resize(size);
+    dst = p.half.data();
+  }
+  k.pack_b(dst, b, dt, b_ks, b_ns, K, N);
   return p;
 }
 

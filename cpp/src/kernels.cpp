@@ -1,5 +1,5 @@
 // kernels.cpp: the table of one target's kernels. Compiled once per target with the kernels,
-// so `kernels()` of mhattn::avx2 hands out the AVX2 builds of gemm.cpp, softmax.cpp and
+// so `kernels()` of mhattn::avx2 hands out the AVX2 builds of gemm/, softmax.cpp and
 // attention.cpp.
 #include "mhattn/ops.h"
 
@@ -9,11 +9,14 @@
 namespace mhattn {
 namespace MHATTN_TARGET {
 
-// gemm.cpp
+// gemm/gemm.cpp
 int panel_width();
-void pack_b(float* dst, const float* b, int64_t b_ks, int64_t b_ns, int64_t K, int64_t N);
-void gemm(const OutMap& c, const float* a, int64_t a_rs, int64_t a_cs, const PackedB& b,
-          const float* bias, Activation act, int64_t M);
+Layout b_layout(DType dt);
+int64_t packed_size(int64_t K, int64_t N, DType dt);
+void pack_b(void* dst, const void* b, DType dt, int64_t b_ks, int64_t b_ns, int64_t K,
+            int64_t N);
+void gemm(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t a_cs,
+          const PackedB& b, const float* bias, Activation act, int64_t M);
 // softmax.cpp
 void softmax(float* out, const float* x, int64_t rows, int64_t n, int64_t ld);
 void vexp_array(float* out, const float* x, int64_t n, bool softmax);
@@ -21,8 +24,8 @@ void vexp_array(float* out, const float* x, int64_t n, bool softmax);
 void attention(const AttnArgs& args);
 
 const Kernels* kernels() {
-  static const Kernels table = {MHATTN_STR(MHATTN_TARGET), panel_width(), pack_b, gemm,
-                                softmax, attention, vexp_array};
+  static const Kernels table = {MHATTN_STR(MHATTN_TARGET), panel_width(), b_layout,
+                                packed_size, pack_b, gemm, softmax, attention, vexp_array};
   return &table;
 }
 

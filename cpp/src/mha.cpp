@@ -17,7 +17,7 @@ void project(const Kernels& k, const Projection& p) {
   if (p.w->target != k.name)
     throw std::runtime_error("weights were packed for the " + p.w->target +
                              " kernels, but the active kernels are " + k.name);
-  k.gemm(p.dst, p.x, p.x_rs, 1, *p.w, p.bias, Activation::none, p.rows);
+  k.gemm(p.dst, p.x, p.x_dt, p.x_rs, 1, *p.w, p.bias, Activation::none, p.rows);
 }
 }  // namespace
 

@@ -64,6 +64,45 @@ def as_float(x, name):
     return a.astype(_F32)
 
 
+# The kernels' dtype codes (mhattn::DType).
+_CODES = {_F32: 0, BF16: 1, F16: 2}
+_DTYPE_NAMES = {"float32": _F32, "bfloat16": BF16, "float16": F16}
+
+
+def native(a):
+    """(array, code) as the kernels read a float32, bfloat16 or float16 array a: float32 as it
+    is, the 16-bit ones viewed as uint16 (no copy); code is the kernels' dtype code."""
+    code = _CODES[a.dtype]
+    return (a, 0) if code == 0 else (a.view(np.uint16), code)
+
+
+def compute_dtype(dtype, name="dtype"):
+    """A layer's dtype argument ("float32", "bfloat16", "float16", or such a NumPy dtype; None
+    for float32) as a NumPy dtype."""
+    if dtype is None:
+        return _F32
+    if isinstance(dtype, str) and dtype in _DTYPE_NAMES:
+        return _DTYPE_NAMES[dtype]
+    try:
+        d = np.dtype(dtype)
+    except TypeError:
+        d = None
+    if d not in _KEPT:
+        raise TypeError(f"{name} must be 'float32', 'bfloat16' or 'float16', got {dtype!r}")
+    return d
+
+
+def as_dtype(x, dtype, name):
+    """x as an array of float dtype `dtype` (converted when it has another float dtype)."""
+    a = as_array(x)
+    if a.dtype is dtype or a.dtype == dtype:
+        return a
+    if not is_float(a.dtype):
+        raise TypeError(f"{name} must be a floating-point array (float32, bfloat16 or float16; "
+                        f"float64 is converted to float32), got dtype {a.dtype}")
+    return a.astype(dtype)
+
+
 def result_dtype(d, other=None):
     """The dtype of a result computed from inputs of dtype d (and other): theirs when they
     share float32, bfloat16 or float16; float32 otherwise (NumPy's promotion, float64
@@ -84,7 +123,8 @@ def last_contiguous(a):
     """a, or a copy of it, whose last axis is contiguous and strides are whole elements."""
     if a.flags.c_contiguous:
         return a
-    if a.ndim and a.shape[-1] > 1 and a.strides[-1] != 4 or any(s % 4 for s in a.strides):
+    n = a.itemsize
+    if a.ndim and a.shape[-1] > 1 and a.strides[-1] != n or any(s % n for s in a.strides):
         return np.ascontiguousarray(a)
     return a
 
@@ -193,19 +233,20 @@ def check_sdpa(query, key, value, attn_mask, is_causal, scale, enable_gqa, causa
 class MhaCall:
     """A checked call of MultiHeadAttention: inputs as 2-D row views and sizes."""
 
-    __slots__ = ("xq", "xk", "xv", "B", "L", "S_new", "unbatched", "masks", "shapes", "dtype")
+    __slots__ = ("xq", "xk", "xv", "x_code", "B", "L", "S_new", "unbatched", "masks", "shapes",
+                 "dtype")
 
 
 def check_mha(mod, query, key, value, key_padding_mask, attn_mask, kv_cache):
     """Arguments of MultiHeadAttention.__call__ -> MhaCall (masks are left to mha_masks, which
     needs the total key length)."""
     qa = as_array(query)
-    q = as_float(qa, "query")
+    q = as_dtype(qa, mod.dtype, "query")  # the layer computes in its dtype
     self_attention = key is None and value is None
     if (key is None) != (value is None):
         raise ValueError("pass both key and value (cross-attention) or neither (self-attention)")
-    k = q if self_attention else as_float(key, "key")
-    v = q if self_attention else as_float(value, "value")
+    k = q if self_attention else as_dtype(key, mod.dtype, "key")
+    v = q if self_attention else as_dtype(value, mod.dtype, "value")
     shapes = _Shapes(query=q, key=None if self_attention else k, value=None if self_attention else v)
     if q.ndim not in (2, 3) or k.ndim != q.ndim or v.ndim != q.ndim:
         raise ValueError(f"query, key and value must all be batched (3 dims) or all unbatched "
@@ -231,9 +272,9 @@ def check_mha(mod, query, key, value, key_padding_mask, attn_mask, kv_cache):
         raise ValueError(f"key and value must have the same length; got {shapes}")
     if kv_cache is not None:
         kv_cache._check_fits(mod, c.B, c.L)
-    c.xq = rows_2d(q, q.shape[-1])
-    c.xk = c.xq if self_attention else rows_2d(k, k.shape[-1])
-    c.xv = c.xq if self_attention else rows_2d(v, v.shape[-1])
+    c.xq, c.x_code = native(rows_2d(q, q.shape[-1]))
+    c.xk = c.xq if self_attention else native(rows_2d(k, k.shape[-1]))[0]
+    c.xv = c.xq if self_attention else native(rows_2d(v, v.shape[-1]))[0]
     c.masks = (key_padding_mask, attn_mask)
     c.shapes = shapes
     return c
@@ -266,9 +307,13 @@ def mha_masks(c, num_heads, S):
     return out + [None] * (2 - len(out))
 
 
-def check_linear_weight(weight, bias):
-    """weight (N, K) and bias (N,) or None, as float32 (bias contiguous)."""
-    w = as_float(weight, "weight")
+def check_linear_weight(weight, bias, dtype=None):
+    """weight (N, K) in `dtype` (None: its own dtype if float32, bfloat16 or float16, else
+    float32) and bias (N,) float32 contiguous, or None."""
+    w = as_array(weight)
+    if not is_float(w.dtype):
+        w = as_float(w, "weight")  # raises the TypeError
+    w = as_dtype(w, result_dtype(w.dtype) if dtype is None else dtype, "weight")
     b = None if bias is None else np.ascontiguousarray(as_float(bias, "bias"))
     if w.ndim != 2:
         raise ValueError(f"linear wants weight (N, K); got {_shapes(weight=w, bias=b)}")
@@ -287,8 +332,8 @@ def activation_code(activation):
     return ACTIVATION_CODES[activation]
 
 
-def check_weight(name, w, shape):
-    a = as_float(w, name)
+def check_weight(name, w, shape, dtype=_F32):
+    a = as_dtype(w, dtype, name)
     if a.shape != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {a.shape}")
     return a

@@ -77,25 +77,30 @@ def linear(x, weight, bias=None, activation=None):
     the GEMM stores its output, so it costs no extra pass over memory; mhattn.reference.activate
     defines each one.
 
+    It computes in the weight's dtype (float32, bfloat16 or float16), as mhattn.Linear(weight)
+    would: x of another dtype is converted to it first, and the output has x's dtype.
+
     The weight is packed for the GEMM on every call; mhattn.Linear packs it once, which is what
     a model that calls the same layer again and again wants.
     """
     w, b = _checks.check_linear_weight(weight, bias)
     code = _checks.activation_code(activation)
-    return apply_linear(x, w.shape, _core.Packed(w.T), b, code)
+    return apply_linear(x, w.shape, _core.Packed(*_checks.native(w.T)), b, code, w.dtype)
 
 
-def apply_linear(x, weight_shape, packed, bias, activation_code=0):
+def apply_linear(x, weight_shape, packed, bias, activation_code=0, compute=_checks._F32):
     """act(x (..., K) @ W.T + bias), W (N, K) = weight_shape packed as `packed` (checked
-    weights, activation as _checks.activation_code gives it)."""
+    weights, activation as _checks.activation_code gives it), x converted to `compute` (the
+    weight's dtype) when it has another."""
     dtype = _checks.result_dtype(_checks.as_array(x).dtype)
-    a = _checks.as_float(x, "x")
+    a = _checks.as_dtype(x, compute, "x")
     N, K = weight_shape
     if a.ndim < 1 or a.shape[-1] != K:
         raise ValueError(f"linear wants x (..., K) with K = {K} (weight ({N}, {K})); got x {a.shape}")
     x2 = _checks.rows_2d(a, K)
     out = np.empty((x2.shape[0], N), dtype=np.float32)
-    _core.gemm(out, x2, packed, bias, activation_code)
+    xa, xcode = _checks.native(x2)
+    _core.gemm(out, xa, packed, bias, activation_code, xcode)
     return _checks.cast(out, dtype).reshape(a.shape[:-1] + (N,))
 
 
@@ -104,7 +109,7 @@ def matmul(a, b):
     """a @ b with NumPy's rules: (..., M, K) @ (..., K, N) -> (..., M, N), batch axes broadcast,
     a 1-D operand promoted to a matrix and its axis dropped from the result."""
     dtype = _checks.result_dtype(_checks.as_array(a).dtype, _checks.as_array(b).dtype)
-    x, y = _checks.as_float(a, "a"), _checks.as_float(b, "b")
+    x, y = _checks.as_dtype(a, dtype, "a"), _checks.as_dtype(b, dtype, "b")
     shapes = _checks._Shapes(a=x, b=y)
     if x.ndim == 0 or y.ndim == 0:
         raise ValueError(f"matmul does not take scalars; got {shapes}")
@@ -121,7 +126,8 @@ def matmul(a, b):
     x3 = np.broadcast_to(x2, batch + (M, K)).reshape(T, M, K)
     y3 = np.broadcast_to(y2, batch + (K, N)).reshape(T, K, N)
     out = np.empty((x3.shape[0], M, N), dtype=np.float32)
-    _core.matmul(out, x3, y3)
+    (xa, xcode), (ya, ycode) = _checks.native(x3), _checks.native(y3)
+    _core.matmul(out, xa, ya, xcode, ycode)
     out = _checks.cast(out, dtype).reshape(batch + (M, N))
     if x.ndim == 1:
         out = out[..., 0, :]

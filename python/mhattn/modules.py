@@ -1,8 +1,9 @@
 """MultiHeadAttention (projections + attention, the layer of a transformer) and KVCache.
 
-The layer holds its weights as read-only float32 NumPy arrays under PyTorch's names, and keeps
-them packed for the GEMM, so a call never repacks them. To change weights, use
-load_state_dict (which repacks); the arrays themselves cannot be written to.
+The layer holds its weights as read-only NumPy arrays of its dtype (float32, bfloat16 or
+float16) under PyTorch's names, and keeps them packed for the GEMM, so a call never repacks
+them. To change weights, use load_state_dict (which repacks); the arrays themselves cannot be
+written to.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ class _PackedWeights:
         self._pack()
 
     def _pack(self):
-        # x · Wᵀ: the GEMM's B is Wᵀ, a strided view of W, packed without a copy of W.
-        self._packed = tuple(_core.Packed(w.T) for w in self._weights)
+        # x · Wᵀ: the GEMM's B is Wᵀ, a strided view of W, packed without a copy of W, in W's
+        # dtype.
+        self._packed = tuple(_core.Packed(*_checks.native(w.T)) for w in self._weights)
         self._target = _core.target()
 
     def get(self):
@@ -37,16 +39,23 @@ class _PackedWeights:
 class Linear:
     """activation(x (..., K) @ weight (N, K).T + bias (N)) -> (..., N), with the weight packed
     for the GEMM once, when the layer is built (mhattn.linear packs it on every call). weight
-    is laid out as PyTorch stores it; the layer keeps read-only float32 copies as .weight and
-    .bias. activation is None, "relu", "gelu", "gelu_tanh" or "silu", applied as the GEMM
-    stores its output (see mhattn.linear)."""
+    is laid out as PyTorch stores it; the layer keeps read-only copies as .weight (in the
+    layer's dtype) and .bias (float32). activation is None, "relu", "gelu", "gelu_tanh" or
+    "silu", applied as the GEMM stores its output (see mhattn.linear).
 
-    def __init__(self, weight, bias=None, activation=None):
-        w, b = _checks.check_linear_weight(weight_array(weight, "weight"),
-                                           weight_array(bias, "bias"))
+    dtype ("float32", "bfloat16" or "float16"; by default the weight's own, float32 for
+    another) is what the layer stores its weight in and computes in: bfloat16 and float16
+    weights take half the memory. An input of another float dtype is converted to it on the
+    way in; the output has the input's dtype. Accumulation is float32 in every dtype."""
+
+    def __init__(self, weight, bias=None, activation=None, *, dtype=None):
+        w, b = _checks.check_linear_weight(
+            weight_array(weight, "weight"), weight_array(bias, "bias"),
+            None if dtype is None else _checks.compute_dtype(dtype))
         self._activation_code = _checks.activation_code(activation)
         self.activation = activation
-        self.weight = np.array(w, np.float32)
+        self.dtype = w.dtype
+        self.weight = np.array(w, w.dtype)
         self.bias = None if b is None else np.array(b, np.float32)
         for a in (self.weight, self.bias):
             if a is not None:
@@ -56,13 +65,14 @@ class Linear:
 
     def __repr__(self):
         act = "" if self.activation is None else f", activation={self.activation!r}"
+        dt = "" if self.dtype == np.float32 else f", dtype={self.dtype.name!r}"
         return (f"Linear(in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}{act})")
+                f"bias={self.bias is not None}{act}{dt})")
 
     @accepts_tensors
     def __call__(self, x):
         return functional.apply_linear(x, self.weight.shape, self._packed.get()[0], self.bias,
-                                       self._activation_code)
+                                       self._activation_code, self.dtype)
 
 
 class KVCache:
@@ -139,8 +149,11 @@ class MultiHeadAttention:
     heads and a KV cache as well.
 
     MultiHeadAttention(embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None,
-    bias=True, batch_first=True, seed=None). Weights start as PyTorch initialises them (Xavier
-    uniform in-projection, zero biases), drawn from numpy.random.default_rng(seed).
+    bias=True, batch_first=True, seed=None, dtype=None). Weights start as PyTorch initialises
+    them (Xavier uniform in-projection, zero biases), drawn from numpy.random.default_rng(seed).
+    dtype ("float32", the default, "bfloat16" or "float16") is what the layer stores its weights
+    in and computes its projections in; an input of another float dtype is converted to it on
+    the way in, and the output has the input's dtype.
 
     Calling it: mha(query, key=None, value=None, *, key_padding_mask=None, attn_mask=None,
     need_weights=False, average_attn_weights=True, is_causal=False, kv_cache=None)
@@ -157,7 +170,8 @@ class MultiHeadAttention:
     """
 
     def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None,
-                 bias=True, batch_first=True, seed=None):
+                 bias=True, batch_first=True, seed=None, dtype=None):
+        self.dtype = _checks.compute_dtype(dtype)
         self.embed_dim = _checks.as_int(embed_dim, "embed_dim", 1)
         self.num_heads = _checks.as_int(num_heads, "num_heads", 1)
         if self.embed_dim % self.num_heads:
@@ -223,12 +237,14 @@ class MultiHeadAttention:
         return shapes
 
     def state_dict(self):
-        """The weights under torch.nn.MultiheadAttention's names, as new float32 arrays."""
+        """The weights under torch.nn.MultiheadAttention's names, as new arrays of the layer's
+        dtype."""
         return {name: w.copy() for name, w in self._state.items()}
 
     def load_state_dict(self, state_dict):
         """Set every weight from a dict with PyTorch's names (in_proj_weight or q/k/v_proj_weight,
-        in_proj_bias, out_proj.weight, out_proj.bias); the weights are packed again."""
+        in_proj_bias, out_proj.weight, out_proj.bias), of any float dtype (converted to the
+        layer's); the weights are packed again."""
         shapes = self._expected_shapes()
         missing = sorted(set(shapes) - set(state_dict))
         unexpected = sorted(set(state_dict) - set(shapes))
@@ -238,7 +254,8 @@ class MultiHeadAttention:
         state = {}
         for name, shape in shapes.items():
             w = weight_array(state_dict[name], f"state_dict[{name!r}]")
-            w = np.array(_checks.check_weight(f"state_dict[{name!r}]", w, shape), np.float32)
+            w = np.array(_checks.check_weight(f"state_dict[{name!r}]", w, shape, self.dtype),
+                         self.dtype)
             w.flags.writeable = False
             state[name] = w
         self._state = state
@@ -253,8 +270,9 @@ class MultiHeadAttention:
         else:
             wq, wk, wv = s["q_proj_weight"], s["k_proj_weight"], s["v_proj_weight"]
         b = s.get("in_proj_bias")
+        b32 = None if b is None else b.astype(np.float32)  # the GEMM adds float32 biases
         self._biases = (None, None, None, None) if b is None else (
-            b[:D], b[D:D + KV], b[D + KV:], s["out_proj.bias"])
+            b32[:D], b32[D:D + KV], b32[D + KV:], s["out_proj.bias"].astype(np.float32))
         self._packed = _PackedWeights(wq, wk, wv, s["out_proj.weight"])
 
     def __getattr__(self, name):
@@ -270,8 +288,11 @@ class MultiHeadAttention:
         """A MultiHeadAttention with the weights and batch_first of a torch.nn.MultiheadAttention."""
         if getattr(module, "bias_k", None) is not None or getattr(module, "add_zero_attn", False):
             raise NotImplementedError("from_torch: add_bias_kv and add_zero_attn are not supported")
+        w = module.out_proj.weight
+        dtype = {"torch.bfloat16": "bfloat16", "torch.float16": "float16"}.get(str(w.dtype))
         mod = cls(module.embed_dim, module.num_heads, kdim=module.kdim, vdim=module.vdim,
-                  bias=module.in_proj_bias is not None, batch_first=module.batch_first)
+                  bias=module.in_proj_bias is not None, batch_first=module.batch_first,
+                  dtype=dtype)
         mod.load_state_dict({k: v for k, v in module.state_dict().items()})
         return mod
 
@@ -299,7 +320,7 @@ class MultiHeadAttention:
         seq_major = not self.batch_first and not c.unbatched
         _core.mha_forward(out, concat, weights, avg, c.xq, c.xk, c.xv, *self._packed.get(),
                           *self._biases, qbuf, kvbuf, kv_pos, c.S_new, seq_major, masks[0],
-                          masks[1], causal, diag, float(1.0 / np.sqrt(E)))
+                          masks[1], causal, diag, float(1.0 / np.sqrt(E)), c.x_code)
         if kv_cache is not None:
             kv_cache._len = S
 

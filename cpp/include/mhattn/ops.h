@@ -39,12 +39,26 @@ struct OutMap {
 // What the GEMM applies to each element of C as it stores it (activation.h has the formulas).
 enum class Activation : int { none = 0, relu = 1, gelu = 2, gelu_tanh = 3, silu = 4 };
 
-// B (K, N) packed into panels of NR columns: panel p holds B[k, p*NR + j] at
-// data[p * K * NR + k * NR + j], zero-padded past N. NR is the target's (see gemm.cpp).
+// The element types of arrays: float32, and the two 16-bit formats, held as their bits
+// (bfloat16: the top half of a float32; float16: IEEE binary16). simd.h converts them.
+enum class DType : int { f32 = 0, bf16 = 1, f16 = 2 };
+struct bf16_t { uint16_t bits; };
+struct f16_t { uint16_t bits; };
+
+// How pack_b lays out B (K, N), in B's own dtype (float32 in `data`, 16-bit in `half`):
+//   panels: panels of NR columns, panel p holding b(k, p*NR + j) at p * K * NR + k * NR + j,
+//           zero past N. NR is the target's (gemm.cpp). Every dtype, every target.
+//   pairs:  bfloat16 for vdpbf16ps (gemm/bf16_dot.cpp): panels of NR columns whose rows go in
+//           pairs of k, b(k, p*NR + j) at p * Kp * NR + (k / 2) * 2 * NR + 2 * j + k % 2,
+//           Kp = K rounded up to even, zero past K and N.
+enum class Layout : int { panels = 0, pairs = 1 };
 struct PackedB {
   std::vector<float> data;
+  std::vector<uint16_t> half;
   int64_t K = 0, N = 0;
   int nr = 0;
+  DType dtype = DType::f32;
+  Layout layout = Layout::panels;
   std::string target;  // the target whose micro-kernel this layout is for
 };
 
@@ -90,12 +104,17 @@ struct AttnArgs {
 // The kernels of one target. dispatch.cpp picks a table at import from the CPU's features.
 struct Kernels {
   const char* name;
-  int nr;  // panel width of pack_b's layout
-  // dst (packed_size(K, N) floats) = B (K, N) packed, b(k, n) = b[k * b_ks + n * b_ns].
-  void (*pack_b)(float* dst, const float* b, int64_t b_ks, int64_t b_ns, int64_t K, int64_t N);
-  // C (M, N) = act(A (M, K) · B + bias (N, may be null)); a(m, k) = a[m * a_rs + k * a_cs].
-  void (*gemm)(const OutMap& c, const float* a, int64_t a_rs, int64_t a_cs, const PackedB& b,
-               const float* bias, Activation act, int64_t M);
+  int nr;  // panel width of pack_b's layouts
+  // The layout pack_b gives a B of dtype dt, and its size in elements of dt.
+  Layout (*b_layout)(DType dt);
+  int64_t (*packed_size)(int64_t K, int64_t N, DType dt);
+  // dst = B (K, N) of dtype dt packed, b(k, n) = b[k * b_ks + n * b_ns] (in elements).
+  void (*pack_b)(void* dst, const void* b, DType dt, int64_t b_ks, int64_t b_ns, int64_t K,
+                 int64_t N);
+  // C (M, N) = act(A (M, K) · B + bias (N, may be null)) in float32; a(m, k) =
+  // a[m * a_rs + k * a_cs], of dtype a_dt. Accumulation is float32 whatever the dtypes.
+  void (*gemm)(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t a_cs,
+               const PackedB& b, const float* bias, Activation act, int64_t M);
   // out = softmax(x) over each row of n; rows apart by ld in both. out may equal x.
   void (*softmax)(float* out, const float* x, int64_t rows, int64_t n, int64_t ld);
   void (*attention)(const AttnArgs& args);
@@ -111,14 +130,18 @@ namespace avx2 { const Kernels* kernels(); }
 #ifdef MHATTN_HAVE_AVX512
 namespace avx512 { const Kernels* kernels(); }
 #endif
+#ifdef MHATTN_HAVE_AVX512BF16
+namespace avx512bf16 { const Kernels* kernels(); }
+#endif
 
 // dispatch.cpp
 const Kernels& kernels();                       // the active target
 std::vector<std::string> supported_targets();   // compiled in and runnable on this CPU, best last
 void set_target(const std::string& name);       // throws std::invalid_argument if unsupported
-// B (K, N), b(k, n) = b[k * b_ks + n * b_ns], packed for the active target. Allocation lives
-// here rather than in the kernels so that no standard-library code is built with ISA flags.
-PackedB pack_b(const float* b, int64_t b_ks, int64_t b_ns, int64_t K, int64_t N);
+// B (K, N) of dtype dt, b(k, n) = b[k * b_ks + n * b_ns], packed for the active target.
+// Allocation lives here rather than in the kernels so that no standard-library code is built
+// with ISA flags.
+PackedB pack_b(const void* b, DType dt, int64_t b_ks, int64_t b_ns, int64_t K, int64_t N);
 
 // threads.cpp
 int num_threads();       // for a kernel about to start a parallel region
@@ -137,7 +160,8 @@ double read_memory(const float* x, int64_t n);
 
 // mha.cpp: the multi-head attention forward, projections included.
 struct Projection {
-  const float* x;        // (rows, K), rows apart by x_rs, columns contiguous
+  const void* x;         // (rows, K) of dtype x_dt, rows apart by x_rs, columns contiguous
+  DType x_dt;
   int64_t x_rs, rows;
   const PackedB* w;      // (K, N) packed: x · w is the projection
   const float* bias;     // (N) or null

@@ -8,14 +8,17 @@
 // A target provides: V (a vector of W floats), vload/vstore (unaligned), vset1, vzero, vadd,
 // vsub, vmul, vdiv, vfma (a*b + c), vmax, vmin, vclamp (keeps NaN), vabs, vselect_nonneg
 // (x >= 0 ? a : b, lane by lane), vhsum, vhmax, vtranspose (a W × W block held in W vectors),
-// vexp and vexp_softmax (exp of x <= 0, as the softmax needs it); and with_rows, for the
-// kernels' register tiles, and round_up, for their padded sizes.
+// vexp and vexp_softmax (exp of x <= 0, as the softmax needs it), vload_f32 (W float32, bfloat16
+// or float16 values as float32) and to_f32 (one of them); and with_rows, for the kernels'
+// register tiles, and round_up, for their padded sizes.
 // Not here: anything that depends on a kernel's shapes; that lives in the kernel's own file.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+
+#include "mhattn/ops.h"  // bf16_t, f16_t
 
 #ifndef MHATTN_TARGET
 #error "simd.h is for kernel sources compiled with MHATTN_TARGET set (see CMakeLists.txt)"
@@ -32,12 +35,47 @@
 namespace mhattn {
 namespace MHATTN_TARGET {
 
+// One float32, bfloat16 or float16 value as float32 (exact: both widen).
+inline float to_f32(float x) { return x; }
+inline float to_f32(bf16_t x) {
+  const uint32_t u = uint32_t(x.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline float to_f32(f16_t x) {  // binary16: 1 sign, 5 exponent (bias 15), 10 mantissa bits
+  const uint32_t sign = uint32_t(x.bits & 0x8000u) << 16, exp = (x.bits >> 10) & 0x1fu;
+  uint32_t man = x.bits & 0x3ffu, u;
+  if (exp == 31) {
+    u = sign | 0x7f800000u | man << 13;  // inf, NaN
+  } else if (exp != 0) {
+    u = sign | (exp + 112) << 23 | man << 13;  // rebias 15 -> 127
+  } else if (man == 0) {
+    u = sign;
+  } else {  // subnormal: man · 2^-24; normalise it
+    uint32_t e = 113;
+    while (!(man & 0x400u)) man <<= 1, --e;
+    u = sign | e << 23 | (man & 0x3ffu) << 13;
+  }
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
 #if defined(MHATTN_SIMD_AVX512)
 
 using V = __m512;
 constexpr int W = 16;
 inline V vload(const float* p) { return _mm512_loadu_ps(p); }
 inline void vstore(float* p, V v) { _mm512_storeu_ps(p, v); }
+inline V vload_f32(const float* p) { return vload(p); }
+inline V vload_f32(const bf16_t* p) {  // widen to 32 bits, then the 16 bits become the top half
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline V vload_f32(const f16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
 inline V vset1(float x) { return _mm512_set1_ps(x); }
 inline V vzero() { return _mm512_setzero_ps(); }
 inline V vadd(V a, V b) { return _mm512_add_ps(a, b); }
@@ -144,6 +182,14 @@ using V = __m256;
 constexpr int W = 8;
 inline V vload(const float* p) { return _mm256_loadu_ps(p); }
 inline void vstore(float* p, V v) { _mm256_storeu_ps(p, v); }
+inline V vload_f32(const float* p) { return vload(p); }
+inline V vload_f32(const bf16_t* p) {  // widen to 32 bits, then the 16 bits become the top half
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline V vload_f32(const f16_t* p) {  // F16C
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
 inline V vset1(float x) { return _mm256_set1_ps(x); }
 inline V vzero() { return _mm256_setzero_ps(); }
 inline V vadd(V a, V b) { return _mm256_add_ps(a, b); }
@@ -208,6 +254,9 @@ typedef int32_t VI __attribute__((vector_size(16)));
 constexpr int W = 4;
 inline V vload(const float* p) { V v; std::memcpy(&v, p, sizeof v); return v; }
 inline void vstore(float* p, V v) { std::memcpy(p, &v, sizeof v); }
+inline V vload_f32(const float* p) { return vload(p); }
+template <class T>  // bf16_t, f16_t: one value at a time (this path is correct, not fast)
+inline V vload_f32(const T* p) { return V{to_f32(p[0]), to_f32(p[1]), to_f32(p[2]), to_f32(p[3])}; }
 inline V vset1(float x) { return V{} + x; }
 inline V vzero() { return V{}; }
 inline V vadd(V a, V b) { return a + b; }

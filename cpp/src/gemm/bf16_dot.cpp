@@ -1,0 +1,197 @@
+// gemm/bf16_dot.cpp: C (M, N) = act(A (M, K) · B (K, N) + bias) for a bfloat16 B, on CPUs with
+// AVX512-BF16. vdpbf16ps takes 16 pairs of bfloat16 from each operand and adds both products of
+// every pair to 16 float32 accumulators: twice an FMA's products per instruction. On Zen 4 it
+// issues at the FMA's rate (../shared/tools/fma_peak.c: 234 GFLOP/s a thread against 116 for
+// fp32 FMAs); on Intel's Sapphire Rapids at half of it, where AMX is the bfloat16 path.
+//
+// B is packed once in Layout::pairs (ops.h): panels of NR columns whose rows come in pairs of
+// k, so that a 512-bit load holds the pairs (b(2kk, j), b(2kk+1, j)) of 16 columns. A is
+// rounded to bfloat16 (to nearest, ties to even) as it is packed, in slivers of MR rows:
+// ap[kk * MR + i] holds the pair (a(i, 2kk), a(i, 2kk+1)) as one 32-bit word, which the
+// micro-kernel broadcasts to every lane. So a product with a bfloat16 B computes in bfloat16
+// whatever A's dtype: its accuracy is bfloat16's. Accumulation is float32.
+//
+// Loop nest as gemm.cpp's: parallel tasks of (row block, run of panels); inside a task, groups
+// of up to KG pairs of A packed at once → panel → steps of KCP pairs → sliver → micro-kernel.
+// A product of at most MR rows (a decode step) takes each panel's whole K in one step, several
+// panels side by side (walk_panels), as gemm_one_sliver does: it is bound by reading B.
+#include "gemm/tile.h"
+
+#if defined(__AVX512BF16__)
+
+namespace mhattn {
+namespace MHATTN_TARGET {
+namespace {
+
+// Pairs of k per step: a KCP × NR sliver of B (128 pairs × 32 columns × 4 bytes = 16 KB) stays
+// in the 32 KB L1d while the slivers of A stream past it. The A block of a group (at most
+// MC × KG words = 576 KB) stays in the 1 MB L2 while every panel of the task's run passes, as
+// in gemm.cpp.
+constexpr int64_t KCP = 128;
+
+// x rounded to bfloat16, to nearest with ties to even; NaN stays a (quiet) NaN.
+inline uint16_t bf16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+inline uint16_t bf16_bits(bf16_t x) { return x.bits; }
+inline uint16_t bf16_bits(f16_t x) { return bf16_bits(to_f32(x)); }
+
+// ap = the block A (mc rows, k from k0 .. k0 + 2·kp) as slivers of MR rows: sliver s holds
+// the pair of k = k0 + 2kk, k0 + 2kk + 1 of row s·MR + i at ap[s * kp * MR + kk * MR + i]; k
+// past K is zero. Rows past mc are left unset (their results are never stored).
+template <class AT>
+void pack_a_pairs(uint32_t* ap, const AT* a, int64_t rs, int64_t cs, int64_t mc, int64_t k0,
+                  int64_t kp, int64_t K) {
+  for (int64_t i0 = 0; i0 < mc; i0 += MR) {
+    uint32_t* dst = ap + i0 * kp;
+    for (int64_t i = 0; i < std::min<int64_t>(MR, mc - i0); ++i) {
+      const AT* src = a + (i0 + i) * rs;
+      for (int64_t kk = 0; kk < kp; ++kk) {
+        const int64_t k = k0 + 2 * kk;
+        const uint32_t lo = k < K ? bf16_bits(src[k * cs]) : 0;
+        const uint32_t hi = k + 1 < K ? bf16_bits(src[(k + 1) * cs]) : 0;
+        dst[kk * MR + i] = lo | hi << 16;
+      }
+    }
+  }
+}
+
+// C[m0 : m0+R, n0 : n0+P·NR] (+)= ap (a sliver of kp pairs) · P slivers of B (kp pairs × NR
+// columns each, the q-th at bp + q * b_step), stored by store_tile, columns past N dropped.
+// Registers: R × P·NV accumulators, P·NV vectors of B, one broadcast.
+template <int R, int P>
+void micro_kernel(int64_t kp, const uint32_t* ap, const uint16_t* bp, int64_t b_step,
+                  const OutMap& c, float* const* crow, int64_t n0, int64_t N, const float* bias,
+                  bool first, Activation act) {
+  V acc[R][P * NV];
+  for (int i = 0; i < R; ++i)
+    for (int u = 0; u < P * NV; ++u) acc[i][u] = vzero();
+  for (int64_t kk = 0; kk < kp; ++kk) {
+    __m512bh b[P * NV];
+    for (int q = 0; q < P; ++q)
+      for (int v = 0; v < NV; ++v)
+        b[q * NV + v] = (__m512bh)_mm512_loadu_si512(bp + q * b_step + kk * 2 * NR + v * 2 * W);
+    for (int i = 0; i < R; ++i) {
+      const __m512bh x = (__m512bh)_mm512_set1_epi32(static_cast<int>(ap[kk * MR + i]));
+      for (int u = 0; u < P * NV; ++u) acc[i][u] = _mm512_dpbf16_ps(acc[i][u], x, b[u]);
+    }
+  }
+  for (int q = 0; q < P; ++q) {
+    V t[R][NV];
+    for (int i = 0; i < R; ++i)
+      for (int v = 0; v < NV; ++v) t[i][v] = acc[i][q * NV + v];
+    const int64_t nq = n0 + q * NR;
+    store_tile<R>(t, c, crow, nq, std::min<int64_t>(NR, N - nq), bias, first, act);
+  }
+}
+
+// The same product one element at a time, A rounded as the fast path rounds it: the definition
+// the fast path is checked against, and the path of K = 0 and of products too small to pack.
+template <class AT>
+void gemm_pairs_simple(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs,
+                       const PackedB& b, const float* bias, Activation act, int64_t M) {
+  const int64_t Kp = (b.K + 1) / 2;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < b.N; ++n) {
+      float acc = bias ? bias[n] : 0.0f;
+      for (int64_t k = 0; k < b.K; ++k) {
+        const bf16_t x{bf16_bits(a[m * a_rs + k * a_cs])};
+        const bf16_t w{b.half[(n / NR) * Kp * 2 * NR + k / 2 * 2 * NR + 2 * (n % NR) + k % 2]};
+        acc += to_f32(x) * to_f32(w);
+      }
+      *c.at(m, n) = activate1(act, acc);
+    }
+}
+
+template <class AT>
+void gemm_pairs(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const PackedB& b,
+                const float* bias, Activation act, int64_t M) {
+  const int64_t N = b.N, K = b.K, Kp = (K + 1) / 2;  // Kp: pairs of k, per panel
+  if (K == 0 || 2.0 * M * N * K < kTinyFlops)
+    return gemm_pairs_simple(c, a, a_rs, a_cs, b, bias, act, M);
+  const uint16_t* bdata = b.half.data();
+  const int64_t panel_size = Kp * 2 * NR;  // elements of one panel
+  const int nt = num_threads();
+  const Tasks tk = tasks_of(M, N, nt);
+#pragma omp parallel for schedule(dynamic) num_threads(nt) if (nt > 1 && tk.count > 1 && 2.0 * M * N * K > kParallelFlops)
+  for (int64_t t = 0; t < tk.count; ++t) {
+    const int64_t m0 = (t / tk.runs) * tk.mc, rows = std::min(tk.mc, M - m0);
+    if (rows <= 0) continue;
+    const int64_t p0 = (t % tk.runs) * tk.run_len, p1 = std::min(tk.panels, p0 + tk.run_len);
+    float* crow[MC];
+    for (int64_t i = 0; i < rows; ++i) crow[i] = c.row(m0 + i);
+    const int64_t rows_p = round_up(rows, MR);
+    uint32_t* ap = reinterpret_cast<uint32_t*>(thread_scratch(0, std::max(MC * KG, MR * Kp)));
+    const AT* am = a + m0 * a_rs;
+    if (rows <= MR) {  // a decode step: every pair of k at once, P panels side by side
+      pack_a_pairs(ap, am, a_rs, a_cs, rows, 0, Kp, K);
+      with_rows<MR>(rows, [&](auto r) {
+        constexpr int R = decltype(r)::value;
+        walk_panels<stream_panels(R)>(p0, p1, [&](auto np, int64_t p) {
+          micro_kernel<R, decltype(np)::value>(Kp, ap, bdata + p * panel_size, panel_size, c,
+                                               crow, p * NR, N, bias, true, act);
+        });
+      });
+      continue;
+    }
+    for (int64_t g0 = 0; g0 < Kp; g0 += KG) {  // g0, g1, kk0: in pairs of k
+      const int64_t g1 = std::min(Kp, g0 + KG);
+      pack_a_pairs(ap, am, a_rs, a_cs, rows, 2 * g0, g1 - g0, K);
+      for (int64_t p = p0; p < p1; ++p)
+        for (int64_t kk0 = g0; kk0 < g1; kk0 += KCP) {
+          const int64_t kp = std::min(KCP, g1 - kk0);
+          const Activation step_act = kk0 + kp == Kp ? act : Activation::none;
+          const uint16_t* bp = bdata + p * panel_size + kk0 * 2 * NR;
+          const uint32_t* apk = ap + (kk0 - g0) * MR;  // pair kk0 of sliver 0
+          for (int64_t i0 = 0; i0 < rows; i0 += MR)
+            with_rows<MR>(std::min<int64_t>(MR, rows - i0), [&](auto r) {
+              micro_kernel<decltype(r)::value, 1>(kp, apk + i0 * (g1 - g0), bp, 0, c, crow + i0,
+                                                  p * NR, N, bias, kk0 == 0, step_act);
+            });
+        }
+    }
+  }
+}
+
+}  // namespace
+
+int64_t bf16_dot_packed_size(int64_t K, int64_t N) { return round_up(N, NR) * round_up(K, 2); }
+
+// dst = B (K, N) in Layout::pairs: b(k, p*NR + j) at p * Kp * 2NR + (k / 2) * 2NR + 2j + k % 2.
+void bf16_dot_pack_b(bf16_t* dst, const bf16_t* b, int64_t ks, int64_t ns, int64_t K,
+                     int64_t N) {
+  const int64_t panels = (N + NR - 1) / NR, Kp = (K + 1) / 2;
+  const int nt = num_threads();
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && K * N > (1 << 16))
+  for (int64_t p = 0; p < panels; ++p) {
+    bf16_t* d = dst + p * Kp * 2 * NR;
+    for (int64_t kk = 0; kk < Kp; ++kk)
+      for (int64_t j = 0; j < NR; ++j)
+        for (int64_t h = 0; h < 2; ++h) {
+          const int64_t k = 2 * kk + h, n = p * NR + j;
+          d[kk * 2 * NR + 2 * j + h] = k < K && n < N ? b[k * ks + n * ns] : bf16_t{0};
+        }
+  }
+}
+
+void bf16_dot_gemm(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t a_cs,
+                   const PackedB& b, const float* bias, Activation act, int64_t M) {
+  if (M == 0 || b.N == 0) return;
+  switch (a_dt) {
+    case DType::f32:
+      return gemm_pairs(c, static_cast<const float*>(a), a_rs, a_cs, b, bias, act, M);
+    case DType::bf16:
+      return gemm_pairs(c, static_cast<const bf16_t*>(a), a_rs, a_cs, b, bias, act, M);
+    case DType::f16:
+      return gemm_pairs(c, static_cast<const f16_t*>(a), a_rs, a_cs, b, bias, act, M);
+  }
+}
+
+}  // namespace MHATTN_TARGET
+}  // namespace mhattn
+
+#endif  // __AVX512BF16__

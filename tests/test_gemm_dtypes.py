@@ -1,0 +1,108 @@
+"""The GEMM and the layers in bfloat16 and float16, on every SIMD path, against the float64
+reference on the same rounded inputs: weights packed in their own dtype (the converting panels
+everywhere, vdpbf16ps pairs on avx512bf16), inputs of either dtype, sizes at every edge."""
+
+import numpy as np
+import pytest
+
+import mhattn
+from mhattn import _checks, _core
+from mhattn import reference as ref
+from tolerances import BF16, assert_close, tol
+
+F16 = np.dtype(np.float16)
+HALF = [BF16, F16]
+
+
+def mat(rng, *shape, scale=1.0, dtype=np.float32):
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+# (M, N, K): one element; K odd (a last pair of k half empty); N past a panel; a decode step's
+# few rows (1-7, several panels side by side); K past one step and one group of k (2500: two
+# groups of pairs, the last partial); M past a row block.
+SHAPES = [(1, 1, 1), (5, 17, 33), (7, 70, 129), (1, 1000, 300), (6, 257, 300), (17, 255, 255),
+          (300, 200, 701), (150, 33, 2500)]
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "f16"])
+@pytest.mark.parametrize("x_half", [False, True], ids=["x-f32", "x-half"])
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_linear_with_half_weights(isa, threads, rng, dtype, x_half, M, N, K):
+    w, b = mat(rng, N, K, dtype=dtype), mat(rng, N)
+    x = mat(rng, M, K, scale=K ** -0.5, dtype=dtype if x_half else np.float32)
+    got = mhattn.linear(x, w, b, activation="gelu")
+    # It computes in the weight's dtype: x is rounded to it first, and the reference takes the
+    # same rounded x. The result has x's dtype, with the tolerance of the weight's.
+    want = ref.linear(x.astype(dtype), w, b, "gelu")
+    assert got.dtype == x.dtype
+    np.testing.assert_allclose(got.astype(np.float64), want, **tol("gemm", dtype))
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "f16"])
+def test_linear_half_strided_and_transposed(isa, rng, dtype):
+    x = mat(rng, 4, 9, 80, scale=0.1, dtype=dtype)[:, ::2, ::2]  # (4, 5, 40), strided
+    w = mat(rng, 40, 33, dtype=dtype).T                         # (33, 40) transposed view
+    assert_close(mhattn.linear(x, w), ref.linear(x, w), "gemm", dtype)
+
+
+def test_bf16_weights_take_the_pairs_layout_where_the_cpu_has_vdpbf16ps():
+    w = np.ones((5, 7), BF16)
+    for t in _core.targets():
+        before = _core.target()
+        _core.set_target(t)
+        try:
+            packed = _core.Packed(*_checks.native(w.T))
+        finally:
+            _core.set_target(before)
+        assert packed.dtype == 1
+        assert packed.layout == ("pairs" if t == "avx512bf16" else "panels")
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "f16"])
+def test_linear_layer_stores_its_weights_in_its_dtype(isa, rng, dtype):
+    w, b = mat(rng, 70, 90), mat(rng, 70)
+    lin = mhattn.Linear(w, b, dtype=dtype.name)
+    assert lin.weight.dtype == dtype and lin.weight.nbytes == w.nbytes // 2
+    assert "dtype=" in repr(lin)
+    x = mat(rng, 9, 90, scale=0.1)
+    got = lin(x)  # a float32 input: rounded to the layer's dtype, the output float32
+    assert got.dtype == np.float32
+    np.testing.assert_allclose(got, ref.linear(x.astype(dtype), w.astype(dtype), b), **tol("gemm", dtype))
+    assert mhattn.Linear(w.astype(dtype)).dtype == dtype  # by default, the weight's own dtype
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "f16"])
+def test_matmul_in_half_and_mixed(isa, rng, dtype):
+    a, b = mat(rng, 3, 17, 40, scale=0.2, dtype=dtype), mat(rng, 40, 33, dtype=dtype)
+    assert_close(mhattn.matmul(a, b), ref.matmul(a, b), "gemm", dtype)
+    got = mhattn.matmul(a, b.astype(np.float32))  # NumPy's promotion: float32, computed so
+    assert_close(got, ref.matmul(a, b), "gemm")
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "f16"])
+@pytest.mark.parametrize("cross", [False, True])
+def test_multi_head_attention_in_half(isa, rng, dtype, cross):
+    mod = mhattn.MultiHeadAttention(48, 4, num_kv_heads=2, seed=1, dtype=dtype.name)
+    assert all(w.dtype == dtype for w in mod.state_dict().values())
+    x = mat(rng, 2, 13, 48, dtype=dtype)
+    kv = mat(rng, 2, 9, 48, dtype=dtype) if cross else x
+    pad = np.zeros((2, kv.shape[1]), bool)
+    pad[1, -3:] = True
+    out, w = mod(x, kv, kv, key_padding_mask=pad, need_weights=True)
+    want, want_w = ref.multi_head_attention(x, kv, kv, mod.state_dict(), 4, 2, key_padding_mask=pad,
+                                            need_weights=True)
+    assert_close(out, want, "mha", dtype)
+    assert_close(w, want_w, "mha", dtype)
+    # A float32 input to a half layer: converted on the way in, the output float32.
+    out32, _ = mod(x.astype(np.float32), kv.astype(np.float32), kv.astype(np.float32),
+                   key_padding_mask=pad)
+    assert out32.dtype == np.float32
+    np.testing.assert_allclose(out32, want, **tol("gemm", dtype))
+
+
+def test_layer_dtype_names_are_checked():
+    with pytest.raises(TypeError, match="dtype must be 'float32', 'bfloat16' or 'float16'"):
+        mhattn.MultiHeadAttention(8, 2, dtype="int8")
+    with pytest.raises(TypeError, match="dtype must be"):
+        mhattn.Linear(np.ones((2, 2), np.float32), dtype=np.float64)
