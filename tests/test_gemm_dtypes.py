@@ -106,3 +106,19 @@ def test_layer_dtype_names_are_checked():
         mhattn.MultiHeadAttention(8, 2, dtype="int8")
     with pytest.raises(TypeError, match="dtype must be"):
         mhattn.Linear(np.ones((2, 2), np.float32), dtype=np.float64)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "f16"])
+def test_results_round_to_half_as_numpy_does(isa, dtype):
+    # Every 9973rd float32 bit pattern (normals, subnormals, inf, NaN of both signs), the edges
+    # of float16 (65504, halfway to inf at 65520, its subnormals) and lengths with a tail.
+    pats = np.arange(0, 2**32, 9973, dtype=np.uint64).astype(np.uint32).view(np.float32)
+    edges = np.array([0.0, -0.0, 65504, 65519.99, 65520, -65520, 6e-8, 2.98e-8, 2.9e-8, 1e-45,
+                      3.4e38, np.inf, -np.inf, np.nan], np.float32)
+    for x in (np.concatenate([pats, edges]), edges[:7]):
+        got = _checks.cast(x, dtype)
+        with np.errstate(over="ignore", invalid="ignore"):
+            want = x.astype(dtype)
+        real = ~np.isnan(x)
+        np.testing.assert_array_equal(got.view(np.uint16)[real], want.view(np.uint16)[real])
+        assert np.isnan(got[~real].astype(np.float32)).all()

@@ -186,6 +186,19 @@ PYBIND11_MODULE(_core, m) {
     }
   }, "out"_a, "a"_a, "b"_a, "a_dtype"_a = 0, "b_dtype"_a = 0);
 
+  // dst (n) = src (n) rounded to dtype code dt (1 bfloat16, 2 float16); both contiguous, dst
+  // any 2-byte dtype.
+  m.def("to_half", [](py::array dst, const py::array& src, int dt) {
+    const float* x = in_f32(src, "src", 1);
+    require(dst.itemsize() == 2 && dst.ndim() == 1 && (dt == 1 || dt == 2) &&
+                dst.shape(0) == src.shape(0) && (src.shape(0) <= 1 || (st(src, 0) == 1 && st(dst, 0) == 1)),
+            "to_half wants contiguous arrays of one length");
+    auto* y = static_cast<uint16_t*>(dst.mutable_data());
+    const int64_t n = src.shape(0);
+    py::gil_scoped_release release;
+    mhattn::kernels().to_half(y, x, n, static_cast<mhattn::DType>(dt));
+  }, "dst"_a, "src"_a, "dtype"_a);
+
   // out (R, n) = softmax over the rows of x (R, n); both C-contiguous, out may be x.
   m.def("softmax", [](py::array out, const py::array& x) {
     float* y = out_f32(out, "out", 2);

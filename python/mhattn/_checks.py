@@ -15,6 +15,8 @@ import operator
 import ml_dtypes
 import numpy as np
 
+from . import _core
+
 _F32 = np.dtype(np.float32)
 BF16 = np.dtype(ml_dtypes.bfloat16)
 F16 = np.dtype(np.float16)
@@ -115,8 +117,15 @@ def result_dtype(d, other=None):
 
 
 def cast(out, dtype):
-    """out (float32) in the result dtype."""
-    return out if dtype is _F32 or dtype == _F32 else out.astype(dtype)
+    """out (float32) in the result dtype, rounded to nearest even by the kernels (NumPy's own
+    float16 cast is scalar, and slower than some of the products it would round)."""
+    if dtype is _F32 or dtype == _F32:
+        return out
+    if not out.flags.c_contiguous:
+        return out.astype(dtype)
+    h = np.empty(out.shape, dtype)
+    _core.to_half(h.reshape(-1).view(np.uint16), out.reshape(-1), _CODES[dtype])
+    return h
 
 
 def last_contiguous(a):

@@ -115,6 +115,8 @@ struct Kernels {
   // a[m * a_rs + k * a_cs], of dtype a_dt. Accumulation is float32 whatever the dtypes.
   void (*gemm)(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t a_cs,
                const PackedB& b, const float* bias, Activation act, int64_t M);
+  // dst[i] = src[i] rounded to dt (bf16 or f16), to nearest even, i < n.
+  void (*to_half)(uint16_t* dst, const float* src, int64_t n, DType dt);
   // out = softmax(x) over each row of n; rows apart by ld in both. out may equal x.
   void (*softmax)(float* out, const float* x, int64_t rows, int64_t n, int64_t ld);
   void (*attention)(const AttnArgs& args);

@@ -6,10 +6,11 @@
 //
 // B is packed once in Layout::pairs (ops.h): panels of NR columns whose rows come in pairs of
 // k, so that a 512-bit load holds the pairs (b(2kk, j), b(2kk+1, j)) of 16 columns. A is
-// rounded to bfloat16 (to nearest, ties to even) as it is packed, in slivers of MR rows:
-// ap[kk * MR + i] holds the pair (a(i, 2kk), a(i, 2kk+1)) as one 32-bit word, which the
-// micro-kernel broadcasts to every lane. So a product with a bfloat16 B computes in bfloat16
-// whatever A's dtype: its accuracy is bfloat16's. Accumulation is float32.
+// rounded to bfloat16 (to nearest, ties to even) as it is packed, in slivers of MR rows, each row
+// a run of pairs: the pair (a(i, 2kk), a(i, 2kk+1)) is one 32-bit word, which the micro-kernel
+// broadcasts to every lane. So a product with a bfloat16 B computes in bfloat16 whatever A's
+// dtype: its accuracy is bfloat16's. Accumulation is float32. (vdpbf16ps, and the vector
+// rounding of A, treat denormal inputs as zero; the simple version rounds them.)
 //
 // Loop nest as gemm.cpp's: parallel tasks of (row block, run of panels); inside a task, groups
 // of up to KG pairs of A packed at once → panel → steps of KCP pairs → sliver → micro-kernel.
@@ -40,31 +41,42 @@ inline uint16_t bf16_bits(float x) {
 inline uint16_t bf16_bits(bf16_t x) { return x.bits; }
 inline uint16_t bf16_bits(f16_t x) { return bf16_bits(to_f32(x)); }
 
-// ap = the block A (mc rows, k from k0 .. k0 + 2·kp) as slivers of MR rows: sliver s holds
-// the pair of k = k0 + 2kk, k0 + 2kk + 1 of row s·MR + i at ap[s * kp * MR + kk * MR + i]; k
-// past K is zero. Rows past mc are left unset (their results are never stored).
+// 16 pairs of k of a row, from 32 values at p, as 16 words of bfloat16 pairs.
+inline __m512i pairs_of(const float* p) {
+  return (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + W), _mm512_loadu_ps(p));
+}
+inline __m512i pairs_of(const bf16_t* p) { return _mm512_loadu_si512(p); }
+inline __m512i pairs_of(const f16_t* p) {
+  return (__m512i)_mm512_cvtne2ps_pbh(vload_f32(p + W), vload_f32(p));
+}
+
+// ap = rows [0, mc) of A, k from k0 .. k0 + 2·kp, as runs of pairs: the pair of
+// k = k0 + 2kk, k0 + 2kk + 1 of row i at ap[i * kp + kk] (so sliver s, of rows s·MR .., starts
+// at ap + s·MR·kp); k past K is zero.
 template <class AT>
 void pack_a_pairs(uint32_t* ap, const AT* a, int64_t rs, int64_t cs, int64_t mc, int64_t k0,
                   int64_t kp, int64_t K) {
-  for (int64_t i0 = 0; i0 < mc; i0 += MR) {
-    uint32_t* dst = ap + i0 * kp;
-    for (int64_t i = 0; i < std::min<int64_t>(MR, mc - i0); ++i) {
-      const AT* src = a + (i0 + i) * rs;
-      for (int64_t kk = 0; kk < kp; ++kk) {
-        const int64_t k = k0 + 2 * kk;
-        const uint32_t lo = k < K ? bf16_bits(src[k * cs]) : 0;
-        const uint32_t hi = k + 1 < K ? bf16_bits(src[(k + 1) * cs]) : 0;
-        dst[kk * MR + i] = lo | hi << 16;
-      }
+  for (int64_t i = 0; i < mc; ++i) {
+    const AT* src = a + i * rs;
+    uint32_t* dst = ap + i * kp;
+    int64_t kk = 0;
+    if (cs == 1)  // 16 pairs at a time while all 32 values lie within K
+      for (; kk + W <= kp && k0 + 2 * (kk + W) <= K; kk += W)
+        _mm512_storeu_si512(dst + kk, pairs_of(src + k0 + 2 * kk));
+    for (; kk < kp; ++kk) {
+      const int64_t k = k0 + 2 * kk;
+      const uint32_t lo = k < K ? bf16_bits(src[k * cs]) : 0;
+      const uint32_t hi = k + 1 < K ? bf16_bits(src[(k + 1) * cs]) : 0;
+      dst[kk] = lo | hi << 16;
     }
   }
 }
 
-// C[m0 : m0+R, n0 : n0+P·NR] (+)= ap (a sliver of kp pairs) · P slivers of B (kp pairs × NR
-// columns each, the q-th at bp + q * b_step), stored by store_tile, columns past N dropped.
-// Registers: R × P·NV accumulators, P·NV vectors of B, one broadcast.
+// C[m0 : m0+R, n0 : n0+P·NR] (+)= ap (R rows of kp pairs, rows ldp words apart) · P slivers of
+// B (kp pairs × NR columns each, the q-th at bp + q * b_step), stored by store_tile, columns
+// past N dropped. Registers: R × P·NV accumulators, P·NV vectors of B, one broadcast.
 template <int R, int P>
-void micro_kernel(int64_t kp, const uint32_t* ap, const uint16_t* bp, int64_t b_step,
+void micro_kernel(int64_t kp, const uint32_t* ap, int64_t ldp, const uint16_t* bp, int64_t b_step,
                   const OutMap& c, float* const* crow, int64_t n0, int64_t N, const float* bias,
                   bool first, Activation act) {
   V acc[R][P * NV];
@@ -76,7 +88,7 @@ void micro_kernel(int64_t kp, const uint32_t* ap, const uint16_t* bp, int64_t b_
       for (int v = 0; v < NV; ++v)
         b[q * NV + v] = (__m512bh)_mm512_loadu_si512(bp + q * b_step + kk * 2 * NR + v * 2 * W);
     for (int i = 0; i < R; ++i) {
-      const __m512bh x = (__m512bh)_mm512_set1_epi32(static_cast<int>(ap[kk * MR + i]));
+      const __m512bh x = (__m512bh)_mm512_set1_epi32(static_cast<int>(ap[i * ldp + kk]));
       for (int u = 0; u < P * NV; ++u) acc[i][u] = _mm512_dpbf16_ps(acc[i][u], x, b[u]);
     }
   }
@@ -124,7 +136,6 @@ void gemm_pairs(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const 
     const int64_t p0 = (t % tk.runs) * tk.run_len, p1 = std::min(tk.panels, p0 + tk.run_len);
     float* crow[MC];
     for (int64_t i = 0; i < rows; ++i) crow[i] = c.row(m0 + i);
-    const int64_t rows_p = round_up(rows, MR);
     uint32_t* ap = reinterpret_cast<uint32_t*>(thread_scratch(0, std::max(MC * KG, MR * Kp)));
     const AT* am = a + m0 * a_rs;
     if (rows <= MR) {  // a decode step: every pair of k at once, P panels side by side
@@ -132,8 +143,8 @@ void gemm_pairs(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const 
       with_rows<MR>(rows, [&](auto r) {
         constexpr int R = decltype(r)::value;
         walk_panels<stream_panels(R)>(p0, p1, [&](auto np, int64_t p) {
-          micro_kernel<R, decltype(np)::value>(Kp, ap, bdata + p * panel_size, panel_size, c,
-                                               crow, p * NR, N, bias, true, act);
+          micro_kernel<R, decltype(np)::value>(Kp, ap, Kp, bdata + p * panel_size, panel_size,
+                                               c, crow, p * NR, N, bias, true, act);
         });
       });
       continue;
@@ -146,11 +157,12 @@ void gemm_pairs(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const 
           const int64_t kp = std::min(KCP, g1 - kk0);
           const Activation step_act = kk0 + kp == Kp ? act : Activation::none;
           const uint16_t* bp = bdata + p * panel_size + kk0 * 2 * NR;
-          const uint32_t* apk = ap + (kk0 - g0) * MR;  // pair kk0 of sliver 0
+          const int64_t ldp = g1 - g0;
           for (int64_t i0 = 0; i0 < rows; i0 += MR)
             with_rows<MR>(std::min<int64_t>(MR, rows - i0), [&](auto r) {
-              micro_kernel<decltype(r)::value, 1>(kp, apk + i0 * (g1 - g0), bp, 0, c, crow + i0,
-                                                  p * NR, N, bias, kk0 == 0, step_act);
+              micro_kernel<decltype(r)::value, 1>(kp, ap + i0 * ldp + (kk0 - g0), ldp, bp, 0, c,
+                                                  crow + i0, p * NR, N, bias, kk0 == 0,
+                                                  step_act);
             });
         }
     }
