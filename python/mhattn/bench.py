@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 import mhattn
-from mhattn import _core
+from mhattn import _checks, _core
 
 # ------------------------------------------------------------------------------------------
 # Cases
@@ -58,11 +58,12 @@ class Case:
     # "attention" (one layer's attention function, on the arguments the model passed it).
     model: str = ""
     part: str = ""
+    dtype: str = "float32"  # of the inputs and weights: float32, bfloat16 or float16
 
     @property
     def label(self):
         if self.kind == "gemm":
-            return f"{self.M}x{self.K}->{self.N}"
+            return f"{self.M}x{self.K}->{self.N}" + ("" if self.dtype == "float32" else f" {self.dtype}")
         gqa = f"/{self.Hkv}" if self.Hkv != self.Hq else ""
         if self.kind == "layer":
             return f"B{self.B} L{self.L} D{self.Hq * self.E} H{self.Hq}"
@@ -149,6 +150,20 @@ def preset(name, args):
         square = [Case("sgemm x @ W.T", "gemm", M=n, N=n, K=n, target="0.95x numpy") for n in (1024, 2048)]
         layer = [(m, n, 768) for m in (128, 512, 4096) for n in (2304, 768)] + [(1, 4096, 4096)]
         return square + [Case("sgemm x @ W.T", "gemm", M=m, N=n, K=k, target="1.0x numpy") for m, n, k in layer]
+    if name in ("gemm-bf16", "gemm-f16"):  # weights and inputs in a 16-bit dtype, torch alike
+        dtype = {"gemm-bf16": "bfloat16", "gemm-f16": "float16"}[name]
+        shapes = [(n, n, n) for n in (1024, 2048)] + [
+            (m, n, 768) for m in (128, 512, 4096) for n in (2304, 768)] + [(1, 4096, 4096)]
+        # bfloat16 against torch's, and twice the products of float32 per instruction (AMX, or
+        # vdpbf16ps): at least float32's speed. float16 computes in float32 after widening, so
+        # big products take float32's time plus the widening and rounding passes (within 5%),
+        # and a decode step half of it (half the bytes).
+        def target(m):
+            if dtype == "bfloat16":
+                return ("1.2x torch; " if m >= 16 else "") + "1.0x fp32"
+            return "1.8x fp32" if m == 1 else "0.95x fp32"
+        return [Case(f"GEMM x @ W.T, {dtype}", "gemm", M=m, N=n, K=k, dtype=dtype,
+                     target=target(m)) for m, n, k in shapes]
     if name == "minilm":
         return [Case("sentence embeddings", "model", B=32, target="1.3x torch"),
                 Case("sentence embeddings", "model", B=32, padded=True)]
@@ -170,7 +185,8 @@ def preset(name, args):
 
 
 PRESETS = ["heads", "fixed-dim", "design", "causal", "gqa", "decode", "layer", "layer-heads",
-           "layer-fixed-dim", "cache", "gemm", "tiny", "minilm", "gpt2", "hf"]
+           "layer-fixed-dim", "cache", "gemm", "gemm-bf16", "gemm-f16", "tiny", "minilm", "gpt2",
+           "hf"]
 GPT2_LAYERS = 4
 # The Llama-style model of the hf preset (random weights): the shape of the design's figures.
 HF_LLAMA = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
@@ -339,8 +355,12 @@ def make_inputs(case, rng):
     if case.kind == "model":
         return dict(sentences=[SENTENCES[i % len(SENTENCES)] for i in range(case.B)])
     if case.kind == "gemm":
-        return dict(x=rng.standard_normal((case.M, case.K), dtype=np.float32) * case.K ** -0.5,
-                    w=rng.standard_normal((case.N, case.K), dtype=np.float32))
+        x = rng.standard_normal((case.M, case.K), dtype=np.float32) * case.K ** -0.5
+        w = rng.standard_normal((case.N, case.K), dtype=np.float32)
+        if case.dtype != "float32":  # both rounded to the dtype, for every engine
+            d = _checks.compute_dtype(case.dtype)
+            x, w = x.astype(d), w.astype(d)
+        return dict(x=x, w=w)
     if case.kind == "layer":
         D = case.Hq * case.E
         mod = mhattn.MultiHeadAttention(D, case.Hq, seed=0)
@@ -381,6 +401,9 @@ def run_mhattn(case, inp):
         except ImportError as e:
             raise Skip(f"the model packages are not installed ({e.name})") from None
         return lambda: model.encode(inp["sentences"], skip_padding=not case.padded)
+    if case.kind == "gemm" and case.dtype != "float32":
+        lin = mhattn.Linear(inp["w"])  # in the weights' dtype; the output in x's
+        return lambda: lin(inp["x"])
     if case.kind == "gemm":
         packed = _core.Packed(inp["w"].T)  # a layer packs its weights once, when it is built
         out = np.empty((case.M, case.N), np.float32)
@@ -434,6 +457,8 @@ def run_numpy(case, inp):
     if case.kind in ("model", "token", "hf"):
         raise Skip("no NumPy engine for whole models")
     if case.kind == "gemm":
+        if case.dtype != "float32":
+            raise Skip("NumPy has no bfloat16 matmul, and a scalar float16 one")
         x, wt = inp["x"], inp["w"].T
         return lambda: x @ wt
     if case.kind == "layer":
@@ -501,8 +526,10 @@ def run_torch(case, inp):
         batch = inp["sentences"]
         return lambda: st.encode(batch, batch_size=len(batch), convert_to_numpy=True)
     if case.kind == "gemm":
-        x, w = torch.from_numpy(inp["x"]), torch.from_numpy(inp["w"])
-        return lambda: F.linear(x, w).numpy()
+        from mhattn import _torch
+
+        x, w = (_torch.from_numpy(inp[n]) for n in "xw")  # bfloat16 through a bit view
+        return lambda: _torch.to_numpy(F.linear(x, w), "out")
     if case.kind == "layer":
         mod = inp["mod"]
         tm = torch.nn.MultiheadAttention(mod.embed_dim, mod.num_heads, batch_first=True).eval()
@@ -651,12 +678,12 @@ def bench_case(case, engines, repeats, rounds, pause, min_sample_s, rng):
             res[name] = {"skipped": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}"}
             continue
         if ref is None:
-            ref = out
+            ref = out.astype(np.float64)
             err, ok = 0.0, True
         else:
             scale = max(1.0, float(np.max(np.abs(ref))))
             err = float(np.max(np.abs(out.astype(np.float64) - ref))) / scale if out.shape == ref.shape else math.inf
-            ok = err < 2e-3
+            ok = err < (2e-3 if case.dtype == "float32" else 3e-2)  # two roundings to 16 bits
         res[name] = {"ok": ok, "max_err": err, "samples": []}
         fns[name] = fn
     inner = {name: calibrate(fn, min_sample_s) for name, fn in fns.items()}
@@ -672,6 +699,10 @@ def bench_case(case, engines, repeats, rounds, pause, min_sample_s, rng):
     twin = None
     if case.kind == "tiny" and case.model == "torch" and "mhattn" in fns:
         twin = (lambda: mhattn.scaled_dot_product_attention(inp["q"], inp["k"], inp["v"]), [])
+    if case.kind == "gemm" and case.dtype != "float32" and "mhattn" in fns:
+        # A half product is judged against mhattn's own float32 one, on the same values.
+        lin32, x32 = mhattn.Linear(inp["w"].astype(np.float32)), inp["x"].astype(np.float32)
+        twin = (lambda: lin32(x32), [])
 
     def sample(fn, n):
         t0 = time.perf_counter()
@@ -707,7 +738,7 @@ def bench_case(case, engines, repeats, rounds, pause, min_sample_s, rng):
     if reads:
         res["mhattn"]["read_gbps"] = statistics.median(reads)
     if twin is not None:
-        res["mhattn"]["numpy_median_s"] = statistics.median(twin[1])
+        res["mhattn"]["twin_median_s"] = statistics.median(twin[1])
     return res
 
 
@@ -733,11 +764,18 @@ def machine_info():
 
 
 def target_met(case, res):
-    """(met, text) for the case's target, or None when it has none or an engine is missing."""
+    """(met, text) for the case's target (all of its parts, "; " apart), or None when it has
+    none or an engine is missing."""
     me = res.get("mhattn", {})
     if not case.target or "median_s" not in me:
         return None
-    t = case.target
+    parts = [one_target(t, case, res, me) for t in case.target.split("; ")]
+    if any(p is None for p in parts):
+        return None
+    return all(met for met, _ in parts), "; ".join(text for _, text in parts)
+
+
+def one_target(t, case, res, me):
     if t.endswith("bandwidth"):
         frac = me["gbps"] / me["read_gbps"]
         return frac >= float(t.split()[0]), f"{frac:.0%} of {me['read_gbps']:.1f} GB/s read beside it"
@@ -750,10 +788,13 @@ def target_met(case, res):
     if t.endswith("us"):
         return me["median_s"] * 1e6 < float(t[:-2]), f"{me['median_s'] * 1e6:.1f} us"
     if t.endswith("us tensors"):
-        added = (me["median_s"] - me["numpy_median_s"]) * 1e6
+        added = (me["median_s"] - me["twin_median_s"]) * 1e6
         return added <= float(t.split("us")[0]), (
             f"{added:.1f} us more than the same call with NumPy arrays "
-            f"({me['numpy_median_s'] * 1e6:.1f} us)")
+            f"({me['twin_median_s'] * 1e6:.1f} us)")
+    if t.endswith("x fp32"):
+        ratio = me["twin_median_s"] / me["median_s"]
+        return ratio >= float(t.split("x")[0]), f"{ratio:.2f}x mhattn float32"
     want, who = t.split("x ")
     others = ["torch", "onnxruntime"] if who == "best" else [who]
     times = [res[o]["median_s"] for o in others if "median_s" in res.get(o, {})]
