@@ -7,9 +7,10 @@ import mhattn
 from mhattn import _core
 
 
-@pytest.fixture(params=_core.targets())
+@pytest.fixture(params=_core.test_targets())
 def isa(request):
-    """Run the test once per SIMD target this CPU can run (the portable one always)."""
+    """Run the test once per SIMD target this CPU can run (the portable one always), and per
+    emulation of one it cannot (amx_emulated)."""
     before = _core.target()
     _core.set_target(request.param)
     yield request.param

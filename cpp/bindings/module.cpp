@@ -123,6 +123,10 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("targets", &mhattn::supported_targets,
         "SIMD targets built in and runnable on this CPU, best last.");
+  m.def("test_targets", &mhattn::test_targets,
+        "targets() and the emulations this CPU can run (amx_emulated): what the tests run.");
+  m.def("amx_status", &mhattn::amx_status,
+        "Why the amx target cannot run here, or '' when it can.");
   m.def("target", [] { return std::string(mhattn::kernels().name); }, "The active SIMD target.");
   m.def("set_target", [](const std::string& name) { mhattn::set_target(name); }, "name"_a,
         "Switch the active SIMD target (ValueError if this CPU cannot run it).");

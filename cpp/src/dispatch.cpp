@@ -11,6 +11,10 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <cpuid.h>
 #endif
+#if defined(MHATTN_HAVE_AMX) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace mhattn {
 
@@ -52,10 +56,37 @@ bool cpu_has_avx512bf16() {
 }
 #endif
 
+#if defined(MHATTN_HAVE_AMX)
+// AMX-TILE and AMX-BF16 (CPUID.(7, 0):EDX bits 24 and 22), XCR0 bits 17-18 (the OS saves the
+// tile state), and on Linux the permission to use it (arch_prctl ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA), asked once: without it the first tile instruction kills the process.
+std::string amx_refusal() {
+  unsigned a, b, c, d;
+  if (!cpu_has_avx512bf16() || !__get_cpuid_count(7, 0, &a, &b, &c, &d) ||
+      !(d & (1u << 24)) || !(d & (1u << 22)))
+    return "this CPU has no AMX-BF16";
+  unsigned lo, hi;
+  __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  if ((lo & 0x60000u) != 0x60000u) return "the OS does not enable the AMX tile state (XCR0)";
+#if defined(__linux__)
+  constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;
+  if (syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) != 0)
+    return "Linux refused the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM)";
+#endif
+  return "";
+}
+const std::string& amx_refused() {
+  static const std::string why = amx_refusal();
+  return why;
+}
+bool cpu_has_amx() { return amx_refused().empty(); }
+#endif
+
 struct Target {
   const char* name;
   const Kernels* (*table)();
   bool (*runnable)();
+  bool test_only = false;  // an emulation: run by the tests, never chosen
 };
 
 const Target kTargets[] = {
@@ -69,12 +100,16 @@ const Target kTargets[] = {
 #if defined(MHATTN_HAVE_AVX512BF16)
     {"avx512bf16", avx512bf16::kernels, cpu_has_avx512bf16},
 #endif
+#if defined(MHATTN_HAVE_AMX)
+    {"amx", amx::kernels, cpu_has_amx},
+    {"amx_emulated", amx_emulated::kernels, cpu_has_avx512bf16, true},
+#endif
 };
 
 const Kernels* choose_at_import() {
   const Kernels* best = nullptr;
   for (const Target& t : kTargets)
-    if (t.runnable()) best = t.table();
+    if (!t.test_only && t.runnable()) best = t.table();
   return best;
 }
 
@@ -110,8 +145,23 @@ PackedB pack_b(const void* b, DType dt, int64_t b_ks, int64_t b_ns, int64_t K, i
 std::vector<std::string> supported_targets() {
   std::vector<std::string> names;
   for (const Target& t : kTargets)
+    if (!t.test_only && t.runnable()) names.emplace_back(t.name);
+  return names;
+}
+
+std::vector<std::string> test_targets() {
+  std::vector<std::string> names;
+  for (const Target& t : kTargets)
     if (t.runnable()) names.emplace_back(t.name);
   return names;
+}
+
+std::string amx_status() {
+#if defined(MHATTN_HAVE_AMX)
+  return amx_refused();
+#else
+  return "this build has no AMX kernels";
+#endif
 }
 
 void set_target(const std::string& name) {

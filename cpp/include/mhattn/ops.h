@@ -135,10 +135,18 @@ namespace avx512 { const Kernels* kernels(); }
 #ifdef MHATTN_HAVE_AVX512BF16
 namespace avx512bf16 { const Kernels* kernels(); }
 #endif
+#ifdef MHATTN_HAVE_AMX
+namespace amx { const Kernels* kernels(); }
+namespace amx_emulated { const Kernels* kernels(); }
+#endif
 
 // dispatch.cpp
 const Kernels& kernels();                       // the active target
 std::vector<std::string> supported_targets();   // compiled in and runnable on this CPU, best last
+// supported_targets() and the emulations runnable here (amx_emulated): what the tests run.
+std::vector<std::string> test_targets();
+// Why the amx target is not runnable ("" when it is): no AMX, or the OS refused the tiles.
+std::string amx_status();
 void set_target(const std::string& name);       // throws std::invalid_argument if unsupported
 // B (K, N) of dtype dt, b(k, n) = b[k * b_ks + n * b_ns], packed for the active target.
 // Allocation lives here rather than in the kernels so that no standard-library code is built

@@ -30,48 +30,6 @@ namespace {
 // in gemm.cpp.
 constexpr int64_t KCP = 128;
 
-// x rounded to bfloat16, to nearest with ties to even; NaN stays a (quiet) NaN.
-inline uint16_t bf16_bits(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-inline uint16_t bf16_bits(bf16_t x) { return x.bits; }
-inline uint16_t bf16_bits(f16_t x) { return bf16_bits(to_f32(x)); }
-
-// 16 pairs of k of a row, from 32 values at p, as 16 words of bfloat16 pairs.
-inline __m512i pairs_of(const float* p) {
-  return (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + W), _mm512_loadu_ps(p));
-}
-inline __m512i pairs_of(const bf16_t* p) { return _mm512_loadu_si512(p); }
-inline __m512i pairs_of(const f16_t* p) {
-  return (__m512i)_mm512_cvtne2ps_pbh(vload_f32(p + W), vload_f32(p));
-}
-
-// ap = rows [0, mc) of A, k from k0 .. k0 + 2·kp, as runs of pairs: the pair of
-// k = k0 + 2kk, k0 + 2kk + 1 of row i at ap[i * kp + kk] (so sliver s, of rows s·MR .., starts
-// at ap + s·MR·kp); k past K is zero.
-template <class AT>
-void pack_a_pairs(uint32_t* ap, const AT* a, int64_t rs, int64_t cs, int64_t mc, int64_t k0,
-                  int64_t kp, int64_t K) {
-  for (int64_t i = 0; i < mc; ++i) {
-    const AT* src = a + i * rs;
-    uint32_t* dst = ap + i * kp;
-    int64_t kk = 0;
-    if (cs == 1)  // 16 pairs at a time while all 32 values lie within K
-      for (; kk + W <= kp && k0 + 2 * (kk + W) <= K; kk += W)
-        _mm512_storeu_si512(dst + kk, pairs_of(src + k0 + 2 * kk));
-    for (; kk < kp; ++kk) {
-      const int64_t k = k0 + 2 * kk;
-      const uint32_t lo = k < K ? bf16_bits(src[k * cs]) : 0;
-      const uint32_t hi = k + 1 < K ? bf16_bits(src[(k + 1) * cs]) : 0;
-      dst[kk] = lo | hi << 16;
-    }
-  }
-}
-
 // C[m0 : m0+R, n0 : n0+P·NR] (+)= ap (R rows of kp pairs, rows ldp words apart) · P slivers of
 // B (kp pairs × NR columns each, the q-th at bp + q * b_step), stored by store_tile, columns
 // past N dropped. Registers: R × P·NV accumulators, P·NV vectors of B, one broadcast.
@@ -106,7 +64,7 @@ void micro_kernel(int64_t kp, const uint32_t* ap, int64_t ldp, const uint16_t* b
 template <class AT>
 void gemm_pairs_simple(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs,
                        const PackedB& b, const float* bias, Activation act, int64_t M) {
-  const int64_t Kp = (b.K + 1) / 2;
+  const int64_t Kp = pair_rows(b.K);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = 0; n < b.N; ++n) {
       float acc = bias ? bias[n] : 0.0f;
@@ -122,7 +80,7 @@ void gemm_pairs_simple(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs,
 template <class AT>
 void gemm_pairs(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const PackedB& b,
                 const float* bias, Activation act, int64_t M) {
-  const int64_t N = b.N, K = b.K, Kp = (K + 1) / 2;  // Kp: pairs of k, per panel
+  const int64_t N = b.N, K = b.K, Kp = pair_rows(K);  // Kp: pairs of k, per panel
   if (K == 0 || 2.0 * M * N * K < kTinyFlops)
     return gemm_pairs_simple(c, a, a_rs, a_cs, b, bias, act, M);
   const uint16_t* bdata = b.half.data();
@@ -171,12 +129,13 @@ void gemm_pairs(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const 
 
 }  // namespace
 
-int64_t bf16_dot_packed_size(int64_t K, int64_t N) { return round_up(N, NR) * round_up(K, 2); }
+int64_t bf16_dot_packed_size(int64_t K, int64_t N) { return round_up(N, NR) * 2 * pair_rows(K); }
 
-// dst = B (K, N) in Layout::pairs: b(k, p*NR + j) at p * Kp * 2NR + (k / 2) * 2NR + 2j + k % 2.
+// dst = B (K, N) in Layout::pairs: b(k, p*NR + j) at p * Kp * 2NR + (k / 2) * 2NR + 2j + k % 2,
+// Kp = pair_rows(K); zero past K and N.
 void bf16_dot_pack_b(bf16_t* dst, const bf16_t* b, int64_t ks, int64_t ns, int64_t K,
                      int64_t N) {
-  const int64_t panels = (N + NR - 1) / NR, Kp = (K + 1) / 2;
+  const int64_t panels = (N + NR - 1) / NR, Kp = pair_rows(K);
   const int nt = num_threads();
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && K * N > (1 << 16))
   for (int64_t p = 0; p < panels; ++p) {

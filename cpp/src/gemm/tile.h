@@ -122,8 +122,12 @@ void walk_panels(int64_t p, int64_t p1, F&& f) {
   if constexpr (P > 1) walk_panels<P / 2>(p, p1, f);
 }
 
-// gemm/bf16_dot.cpp: bfloat16 B in Layout::pairs, multiplied with vdpbf16ps. Built where the
-// target has AVX512-BF16; bf16_dot_available() says whether this one does.
+// gemm/bf16_dot.cpp: bfloat16 B in Layout::pairs, multiplied with vdpbf16ps, and
+// gemm/amx.cpp: the same layout on AMX tiles. Built where the target has AVX512-BF16 (and AMX,
+// or its emulation); bf16_dot_available() says whether this one does.
+#if defined(__AMX_BF16__) || defined(MHATTN_AMX_EMULATED)
+#define MHATTN_AMX 1
+#endif
 constexpr bool bf16_dot_available() {
 #if defined(__AVX512BF16__)
   return true;
@@ -132,10 +136,68 @@ constexpr bool bf16_dot_available() {
 #endif
 }
 #if defined(__AVX512BF16__)
+// Pairs of k a panel of Layout::pairs holds: K / 2 rounded up, and on AMX targets rounded up to
+// a tile's 16 rows (zero pairs), so that every step of k is whole tiles.
+#if defined(MHATTN_AMX)
+constexpr int64_t kPairAlign = 16;
+#else
+constexpr int64_t kPairAlign = 1;
+#endif
+inline int64_t pair_rows(int64_t K) { return round_up((K + 1) / 2, kPairAlign); }
+
+// x rounded to bfloat16, to nearest with ties to even; NaN stays a (quiet) NaN.
+inline uint16_t bf16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+inline uint16_t bf16_bits(bf16_t x) { return x.bits; }
+inline uint16_t bf16_bits(f16_t x) { return bf16_bits(to_f32(x)); }
+
+// 16 pairs of k of a row, from 32 values at p, as 16 words of bfloat16 pairs.
+inline __m512i pairs_of(const float* p) {
+  return (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + W), _mm512_loadu_ps(p));
+}
+inline __m512i pairs_of(const bf16_t* p) { return _mm512_loadu_si512(p); }
+inline __m512i pairs_of(const f16_t* p) {
+  return (__m512i)_mm512_cvtne2ps_pbh(vload_f32(p + W), vload_f32(p));
+}
+
+// ap = rows [0, mc) of A, k from k0 .. k0 + 2·kp, as runs of pairs: the pair of
+// k = k0 + 2kk, k0 + 2kk + 1 of row i at ap[i * kp + kk] (so sliver s, of rows s·MR .., starts
+// at ap + s·MR·kp); k past K is zero.
+template <class AT>
+void pack_a_pairs(uint32_t* ap, const AT* a, int64_t rs, int64_t cs, int64_t mc, int64_t k0,
+                  int64_t kp, int64_t K) {
+  for (int64_t i = 0; i < mc; ++i) {
+    const AT* src = a + i * rs;
+    uint32_t* dst = ap + i * kp;
+    int64_t kk = 0;
+    if (cs == 1)  // 16 pairs at a time while all 32 values lie within K
+      for (; kk + W <= kp && k0 + 2 * (kk + W) <= K; kk += W)
+        _mm512_storeu_si512(dst + kk, pairs_of(src + k0 + 2 * kk));
+    for (; kk < kp; ++kk) {
+      const int64_t k = k0 + 2 * kk;
+      const uint32_t lo = k < K ? bf16_bits(src[k * cs]) : 0;
+      const uint32_t hi = k + 1 < K ? bf16_bits(src[(k + 1) * cs]) : 0;
+      dst[kk] = lo | hi << 16;
+    }
+  }
+}
+
 int64_t bf16_dot_packed_size(int64_t K, int64_t N);
 void bf16_dot_pack_b(bf16_t* dst, const bf16_t* b, int64_t ks, int64_t ns, int64_t K, int64_t N);
 void bf16_dot_gemm(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t a_cs,
                    const PackedB& b, const float* bias, Activation act, int64_t M);
+#endif
+#if defined(MHATTN_AMX)
+// Products of at least this many rows take the tiles; fewer (a decode step), vdpbf16ps, which
+// wastes no tile rows on them (a block of tiles is 32 rows).
+constexpr int64_t kAmxMinRows = 16;
+void amx_gemm(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t a_cs,
+              const PackedB& b, const float* bias, Activation act, int64_t M);
 #endif
 
 }  // namespace MHATTN_TARGET
