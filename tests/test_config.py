@@ -26,6 +26,9 @@ def test_show_config(capsys):
     mhattn.show_config()
     out = capsys.readouterr().out
     assert mhattn.__version__ in out and _core.target() in out and str(mhattn.get_num_threads()) in out
+    assert "bfloat16" in out and ("AMX:         available" in out) == ("amx" in _core.targets())
+    for t in _core.test_targets():  # every path has its line in the table
+        assert t in mhattn._PATHS or t == "amx_emulated"
 
 
 def test_portable_target_is_always_available():

@@ -9,6 +9,7 @@
 #include <pybind11/numpy.h>
 
 #include <memory>
+#include <vector>
 #include <string>
 
 #include "mhattn/ops.h"
@@ -216,15 +217,17 @@ PYBIND11_MODULE(_core, m) {
   }, "out"_a, "x"_a);
 
   // out (B, Hq, L, Ev) = attention(q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev)).
+  // k and v of dtype code kv_dtype (in_typed); q, out and weights float32.
   m.def("attention", [](py::array out, const py::object& weights, const py::array& q,
                         const py::array& k, const py::array& v, const py::object& mask0,
                         const py::object& mask1, bool causal, int64_t diag_offset,
-                        int64_t window, float scale, float softcap) {
+                        int64_t window, float scale, float softcap, int kv_dtype) {
     AttnArgs a{};
     a.out = out_f32(out, "out", 4);
     a.q = in_f32(q, "q", 4);
-    a.k = in_f32(k, "k", 4);
-    a.v = in_f32(v, "v", 4);
+    a.k = in_typed(k, "k", 4, kv_dtype);
+    a.v = in_typed(v, "v", 4, kv_dtype);
+    a.kv_dt = static_cast<mhattn::DType>(kv_dtype);
     a.B = q.shape(0);
     a.Hq = q.shape(1);
     a.L = q.shape(2);
@@ -257,9 +260,9 @@ PYBIND11_MODULE(_core, m) {
     a.window = window;
     a.softcap = softcap;
     py::gil_scoped_release release;
-    mhattn::kernels().attention(a);
+    mhattn::attention(a);
   }, "out"_a, "weights"_a, "q"_a, "k"_a, "v"_a, "mask0"_a, "mask1"_a, "causal"_a,
-     "diag_offset"_a, "window"_a, "scale"_a, "softcap"_a = 0.0f);
+     "diag_offset"_a, "window"_a, "scale"_a, "softcap"_a = 0.0f, "kv_dtype"_a = 0);
 
   // The multi-head attention forward (mha.cpp). Rows of xq are (b, l), or (l, b) when
   // seq_major; rows of xk, xv likewise over the new_keys new key positions. The projections
@@ -272,11 +275,13 @@ PYBIND11_MODULE(_core, m) {
                           const py::object& bk, const py::object& bv, const py::object& bo,
                           py::array qbuf, py::array kvbuf, int64_t kv_pos, int64_t new_keys,
                           bool seq_major, const py::object& mask0, const py::object& mask1,
-                          bool causal, int64_t diag_offset, float scale, int x_dtype) {
+                          bool causal, int64_t diag_offset, float scale, int x_dtype,
+                          int kv_dtype) {
     for (const PackedB* w : {&wq, &wk, &wv, &wo}) check_packed(*w);
     mhattn::MhaArgs a{};
     float* q = out_f32(qbuf, "qbuf", 4);
-    float* kv = out_f32(kvbuf, "kvbuf", 4);
+    in_typed(kvbuf, "kvbuf", 4, kv_dtype);
+    void* kv = kvbuf.mutable_data();  // raises if not writeable
     require((qbuf.flags() & py::array::c_style) && (kvbuf.flags() & py::array::c_style) &&
                 (concat.flags() & py::array::c_style) && (out.flags() & py::array::c_style),
             "mha buffers must be C-contiguous");
@@ -290,6 +295,16 @@ PYBIND11_MODULE(_core, m) {
                 concat.shape(0) == B * L && concat.shape(1) == D && out.shape(0) == B * L &&
                 out.shape(1) == wo.N,
             "mha shapes");
+    // A 16-bit cache: K and V are projected into a float32 stage, then rounded into place.
+    std::vector<float> stage;
+    float* kv_dst = static_cast<float*>(kv);
+    int64_t kv_dst_len = Sbuf, kv_dst_pos = kv_pos;
+    if (kv_dtype != 0) {
+      stage.resize(static_cast<size_t>(B * 2 * Hkv * new_keys * E));
+      kv_dst = stage.data(), kv_dst_len = new_keys, kv_dst_pos = 0;
+      a.stage = {stage.data(), static_cast<uint16_t*>(kv), static_cast<mhattn::DType>(kv_dtype),
+                 B, 2 * Hkv, new_keys, E, Sbuf, kv_pos};
+    }
     const py::array* xs[3] = {&xq, &xk, &xv};
     const PackedB* ws[3] = {&wq, &wk, &wv};
     const py::object* bs[3] = {&bq, &bk, &bv};
@@ -303,14 +318,16 @@ PYBIND11_MODULE(_core, m) {
       p.w = ws[i];
       p.bias = opt_f32(*bs[i], "bias");
       p.dst = i == 0 ? head_split(q, B, Hq, L, E, 0, 0, L, seq_major)
-                     : head_split(kv, B, 2 * Hkv, Sbuf, E, (i - 1) * Hkv, kv_pos, new_keys, seq_major);
+                     : head_split(kv_dst, B, 2 * Hkv, kv_dst_len, E, (i - 1) * Hkv, kv_dst_pos,
+                                  new_keys, seq_major);
     }
     AttnArgs& t = a.attn;
     t.out = out_f32(concat, "concat", 2);
     t.q = q;
     t.q_sb = Hq * L * E; t.q_sh = L * E; t.q_sl = E;
     t.k = kv;
-    t.v = kv + Hkv * Sbuf * E;
+    t.v = static_cast<char*>(kv) + Hkv * Sbuf * E * kvbuf.itemsize();
+    t.kv_dt = static_cast<mhattn::DType>(kv_dtype);
     t.k_sb = t.v_sb = 2 * Hkv * Sbuf * E;
     t.k_sh = t.v_sh = Sbuf * E;
     t.k_ss = t.v_ss = E;

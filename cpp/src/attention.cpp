@@ -25,6 +25,9 @@
 // tiles have all their blocks packed once per call, before the tiles run.
 // On AVX-512, tiles without weights to write take the lanes path instead (below merge_row):
 // W query rows at a time, one per lane of a vector, k and v read in place.
+// k and v are float32, or (for the direct path only: decode, a KV cache in half the bytes)
+// bfloat16 or float16, read where they lie and widened in registers; mhattn::attention
+// (mha.cpp) widens a 16-bit k and v for the other paths first. KT is their element type.
 // Split-S: when a decode call has too few tiles to keep every thread busy (one sequence, few
 // kv heads), each tile's keys are cut into chunks that run as tasks of their own, each ending
 // with its rows' partial (m, l, O); a second pass merges them:
@@ -52,7 +55,7 @@ constexpr int RM = 6;
 constexpr int64_t KP = 2 * W;
 // Tiles of up to this many query rows take the direct path (KeyBlocks::direct), in blocks of
 // kDirectBlockKeys keys (a multiple of every W).
-constexpr int64_t kDirectRows = 4;
+constexpr int64_t kDirectRows = kAttentionDirectRows;
 constexpr int64_t kDirectBlockKeys = 1024;
 // Accumulators of the direct path's P · V register tiles (pv_rows): half the vector registers
 // (16 of AVX-512's 32; 8 of AVX2's 16).
@@ -109,15 +112,15 @@ void qk_tile(float* s, int64_t lds, const float* qs, const float* kt, int64_t ld
 }
 
 // o (R × NV·W, rows apart by ldo) += p (R × bk, rows apart by ldp) · vp (bk × NV·W, ldv).
-template <int R, int NV>
-void pv_tile(float* o, int64_t ldo, const float* p, int64_t ldp, const float* vp, int64_t ldv,
+template <int R, int NV, class VT>
+void pv_tile(float* o, int64_t ldo, const float* p, int64_t ldp, const VT* vp, int64_t ldv,
              int64_t bk) {
   V acc[R][NV];
   for (int i = 0; i < R; ++i)
     for (int c = 0; c < NV; ++c) acc[i][c] = vload(o + i * ldo + c * W);
   for (int64_t j = 0; j < bk; ++j) {
     V vv[NV];
-    for (int c = 0; c < NV; ++c) vv[c] = vload(vp + j * ldv + c * W);
+    for (int c = 0; c < NV; ++c) vv[c] = vload_f32(vp + j * ldv + c * W);
     for (int i = 0; i < R; ++i) {
       const V x = vset1(p[i * ldp + j]);
       for (int c = 0; c < NV; ++c) acc[i][c] = vfma(x, vv[c], acc[i][c]);
@@ -145,19 +148,20 @@ void qk(int64_t R, float* s, float* row_max, const float* qs, const float* kt, i
 // they lie: no packing. For tiles of a few rows (decode), where each key is used by few
 // queries and packing would cost more than it saves. W keys at a time: W independent sums per
 // row, then one register transpose turns them into a vector of W dot products.
-void qk_direct(int64_t R, float* s, int64_t lds, const float* qs, const float* k, int64_t k_ss,
+template <class KT>
+void qk_direct(int64_t R, float* s, int64_t lds, const float* qs, const KT* k, int64_t k_ss,
                int64_t bk, int64_t E) {
   const int64_t Ew = E / W * W;
   int64_t j = 0;
   for (; j + W <= bk; j += W) {
-    const float* kj = k + j * k_ss;
+    const KT* kj = k + j * k_ss;
     for (int64_t i = 0; i < R; ++i) {
       const float* q = qs + i * E;
       V acc[W];
       for (int c = 0; c < W; ++c) {  // key by key: k is read in address order
-        const float* kc = kj + c * k_ss;
+        const KT* kc = kj + c * k_ss;
         acc[c] = vzero();
-        for (int64_t e = 0; e < Ew; e += W) acc[c] = vfma(vload(q + e), vload(kc + e), acc[c]);
+        for (int64_t e = 0; e < Ew; e += W) acc[c] = vfma(vload(q + e), vload_f32(kc + e), acc[c]);
       }
       vtranspose(acc);  // acc[e][c]: lane c of every vector is key c's partial sums
       V dot = acc[0];
@@ -165,17 +169,17 @@ void qk_direct(int64_t R, float* s, int64_t lds, const float* qs, const float* k
       float* out = s + i * lds + j;
       vstore(out, dot);
       for (int64_t e = Ew; e < E; ++e)
-        for (int c = 0; c < W; ++c) out[c] += q[e] * kj[c * k_ss + e];
+        for (int c = 0; c < W; ++c) out[c] += q[e] * to_f32(kj[c * k_ss + e]);
     }
   }
   for (; j < bk; ++j)
     for (int64_t i = 0; i < R; ++i) {
       const float* q = qs + i * E;
-      const float* kr = k + j * k_ss;
+      const KT* kr = k + j * k_ss;
       V a = vzero();
-      for (int64_t e = 0; e < Ew; e += W) a = vfma(vload(q + e), vload(kr + e), a);
+      for (int64_t e = 0; e < Ew; e += W) a = vfma(vload(q + e), vload_f32(kr + e), a);
       float d = vhsum(a);
-      for (int64_t e = Ew; e < E; ++e) d += q[e] * kr[e];
+      for (int64_t e = Ew; e < E; ++e) d += q[e] * to_f32(kr[e]);
       s[i * lds + j] = d;
     }
 }
@@ -183,15 +187,16 @@ void qk_direct(int64_t R, float* s, int64_t lds, const float* qs, const float* k
 // o (R × evp) += p (R × bk, rows apart by ldp) · v (bk × evp), for any R ≤ RM. v is either
 // the packed block (ldv = 0: panels of KP dims, panel c / KP at v + c·bk, the last W wide when
 // evp is an odd number of vectors) or, on the direct path, v itself (rows ldv apart).
-template <int R>
-void pv_rows(float* o, const float* p, int64_t ldp, const float* v, int64_t ldv, int64_t evp,
+template <int R, class VT>
+void pv_rows(float* o, const float* p, int64_t ldp, const VT* v, int64_t ldv, int64_t evp,
              int64_t bk) {
   int64_t c = 0;
-  if (ldv == 0) {
-    for (; c + KP <= evp; c += KP) pv_tile<R, 2>(o + c, evp, p, ldp, v + c * bk, KP, bk);
-    if (c < evp) pv_tile<R, 1>(o + c, evp, p, ldp, v + c * bk, W, bk);
-    return;
-  }
+  if constexpr (std::is_same_v<VT, float>)  // packed blocks are float32
+    if (ldv == 0) {
+      for (; c + KP <= evp; c += KP) pv_tile<R, 2>(o + c, evp, p, ldp, v + c * bk, KP, bk);
+      if (c < evp) pv_tile<R, 1>(o + c, evp, p, ldp, v + c * bk, W, bk);
+      return;
+    }
   // Few rows leave registers for more vectors of v per key: fewer, longer passes over v, which
   // lies in memory with its rows apart. Up to kPassAccumulators accumulators: the v vectors are
   // memory operands of the FMAs and need no registers. One pass over a 128-dim head with
@@ -203,7 +208,8 @@ void pv_rows(float* o, const float* p, int64_t ldp, const float* v, int64_t ldv,
   for (; c + 2 * W <= evp; c += 2 * W) pv_tile<R, 2>(o + c, evp, p, ldp, v + c, ldv, bk);
   if (c < evp) pv_tile<R, 1>(o + c, evp, p, ldp, v + c, ldv, bk);
 }
-void pv(int64_t R, float* o, const float* p, int64_t ldp, const float* v, int64_t ldv,
+template <class VT>
+void pv(int64_t R, float* o, const float* p, int64_t ldp, const VT* v, int64_t ldv,
         int64_t evp, int64_t bk) {
   with_rows<RM>(R, [&](auto r) { pv_rows<decltype(r)::value>(o, p, ldp, v, ldv, evp, bk); });
 }
@@ -271,8 +277,9 @@ struct Scratch {
 // not null, holds every block already packed (step 1 and the copy of step 5), block i at
 // packed + i·block_floats: kt (E · bkp floats) then vp (bk · evp). Otherwise each block is packed
 // into the thread's scratch when it is visited.
+template <class KT>
 struct KeyBlocks {
-  const float *k, *v;  // the head's k (S × E, rows k_ss apart) and v (S × Ev, rows v_ss apart)
+  const KT *k, *v;     // the head's k (S × E, rows k_ss apart) and v (S × Ev, rows v_ss apart)
   const float* packed;
   int64_t bk_max, evp, block_floats;
   bool direct;         // read k (and v, when Ev = evp) in place instead of packing (few rows)
@@ -284,7 +291,8 @@ int64_t block_floats(int64_t E, int64_t bk_max, int64_t evp) {
 
 // kt = kᵀ of keys [j0, j0 + bk) in panels of KP keys, zero-padded to bkp keys (qk_rows).
 // W keys × W dims at a time through registers (vtranspose); scalar at the edges.
-void pack_keys(float* kt, const AttnArgs& a, const KeyBlocks& kb, int64_t j0, int64_t bk) {
+void pack_keys(float* kt, const AttnArgs& a, const KeyBlocks<float>& kb, int64_t j0,
+               int64_t bk) {
   const int64_t E = a.E, bkp = round_up(bk, KP), ks = a.k_ss;
   for (int64_t j = 0; j < bkp; j += W) {
     float* dst = kt + j / KP * E * KP + j % KP;  // dim e of keys j .. j + W at dst + e·KP
@@ -304,15 +312,18 @@ void pack_keys(float* kt, const AttnArgs& a, const KeyBlocks& kb, int64_t j0, in
   }
 }
 
-// vp = v of keys [j0, j0 + bk) in panels of KP dims, zero-padded to evp dims (pv_rows).
-void pack_values(float* vp, const AttnArgs& a, const KeyBlocks& kb, int64_t j0, int64_t bk) {
+// vp = v of keys [j0, j0 + bk) in panels of KP dims, zero-padded to evp dims (pv_rows), as
+// float32.
+template <class KT>
+void pack_values(float* vp, const AttnArgs& a, const KeyBlocks<KT>& kb, int64_t j0,
+                 int64_t bk) {
   const int64_t Ev = a.Ev, evp = kb.evp;
   for (int64_t c = 0; c < evp; c += KP) {
     const int64_t width = std::min(KP, evp - c), real = std::clamp<int64_t>(Ev - c, 0, width);
     float* dst = vp + c * bk;
     for (int64_t j = 0; j < bk; ++j) {
-      const float* vr = kb.v + (j0 + j) * a.v_ss + c;
-      std::copy(vr, vr + real, dst + j * width);
+      const KT* vr = kb.v + (j0 + j) * a.v_ss + c;
+      for (int64_t e = 0; e < real; ++e) dst[j * width + e] = to_f32(vr[e]);
       std::fill(dst + j * width + real, dst + (j + 1) * width, 0.0f);
     }
   }
@@ -364,29 +375,34 @@ void softmax_row(Pass pass, const AttnArgs& a, const Row& r, float* s, const flo
 // Runs steps 1-5 of the file comment over the blocks that hold keys [key_lo, key_hi) for the
 // R rows of a tile. After packing a block, steps 2-5 go a register tile of RM rows at a time,
 // so those rows' scores (RM × bkp, in t.s) stay in L1 from Q·Kᵀ through P·V.
-void run_blocks(Pass pass, const AttnArgs& a, const Row* rows, int64_t R, const KeyBlocks& kb,
-                int64_t key_lo, int64_t key_hi, const Scratch& t) {
+template <class KT>
+void run_blocks(Pass pass, const AttnArgs& a, const Row* rows, int64_t R,
+                const KeyBlocks<KT>& kb, int64_t key_lo, int64_t key_hi, const Scratch& t) {
   const int64_t E = a.E, bk_max = kb.bk_max, evp = kb.evp;
   // Packed blocks are fixed slices of S; the direct path reads exactly the keys it needs.
   for (int64_t j0 = kb.direct ? key_lo : key_lo / bk_max * bk_max; j0 < key_hi; j0 += bk_max) {
     const int64_t bk = std::min(bk_max, (kb.direct ? key_hi : a.S) - j0), bkp = round_up(bk, KP);
 
-    // 1. kt = kᵀ of the block and vp = its v (or, on the direct path, k and v as they lie).
+    // 1. kt = kᵀ of the block and vp = its v (or, on the direct path, k and v as they lie:
+    // v at vd, rows ldv apart).
     const float *kt = t.kt, *vp = t.vp;
-    int64_t ldv = 0;  // packed panels (pv_rows)
+    const KT* vd = nullptr;
+    int64_t ldv = 0;
     if (kb.direct) {
       if (evp == a.Ev) {
-        vp = kb.v + j0 * a.v_ss;
+        vd = kb.v + j0 * a.v_ss;
         ldv = a.v_ss;
       } else {
         pack_values(t.vp, a, kb, j0, bk);
       }
-    } else if (kb.packed) {
-      kt = kb.packed + j0 / bk_max * kb.block_floats;
-      vp = kt + E * bkp;
-    } else {
-      pack_keys(t.kt, a, kb, j0, bk);
-      pack_values(t.vp, a, kb, j0, bk);
+    } else if constexpr (std::is_same_v<KT, float>) {  // 16-bit k and v take the direct path
+      if (kb.packed) {
+        kt = kb.packed + j0 / bk_max * kb.block_floats;
+        vp = kt + E * bkp;
+      } else {
+        pack_keys(t.kt, a, kb, j0, bk);
+        pack_values(t.vp, a, kb, j0, bk);
+      }
     }
 
     for (int64_t i0 = 0; i0 < R; i0 += RM) {
@@ -401,16 +417,20 @@ void run_blocks(Pass pass, const AttnArgs& a, const Row* rows, int64_t R, const 
       for (int64_t i = 0; i < rr; ++i)
         softmax_row(pass, a, rows[i0 + i], t.s + i * bkp, kb.direct ? nullptr : s_max + i, j0,
                     bk, bkp, t.m[i0 + i], t.l[i0 + i], t.o + (i0 + i) * evp, evp);
-      // 5. O += P · vp.
-      if (pass != Pass::Stats) pv(rr, t.o + i0 * evp, t.s, bkp, vp, ldv, evp, bk);
+      // 5. O += P · v.
+      if (pass != Pass::Stats) {
+        if (vd) pv(rr, t.o + i0 * evp, t.s, bkp, vd, ldv, evp, bk);
+        else pv(rr, t.o + i0 * evp, t.s, bkp, vp, 0, evp, bk);
+      }
     }
   }
 }
 
 // out (and weights) of one task: batch b, kv head kvh, tile rows [r0, r0 + R) of the G·L rows;
 // with `part`, only its keys, and the partial results go to it instead.
+template <class KT>
 void attend_tile(const AttnArgs& a, int64_t b, int64_t kvh, int64_t r0, int64_t R,
-                 const KeyBlocks& kb, const Scratch& t, const Partial* part) {
+                 const KeyBlocks<KT>& kb, const Scratch& t, const Partial* part) {
   const int64_t E = a.E, Ev = a.Ev, evp = kb.evp;
   Row rows[BQ_MAX];
   int64_t key_lo = a.S, key_hi = 0;
@@ -628,8 +648,9 @@ void lanes_to_rows(const Row* rows, int64_t n, const float* oT, const float* l, 
 // One block of keys [j0, j0 + bk) for a group of W rows: sT = qT · kᵀ; step 3 when `cut` (some
 // row does not see every key of the block) or there are masks; the softmax update of m, l and
 // oT (W lanes each; oT is Ev × W); oT += P · v.
-void lanes_block(const AttnArgs& a, const KeyBlocks& kb, const Row* rows, int64_t j0, int64_t bk,
-                 bool cut, const float* qT, float* sT, float* m, float* l, float* oT) {
+void lanes_block(const AttnArgs& a, const KeyBlocks<float>& kb, const Row* rows, int64_t j0,
+                 int64_t bk, bool cut, const float* qT, float* sT, float* m, float* l,
+                 float* oT) {
   const int64_t E = a.E, Ev = a.Ev;
   const float* k = kb.k + j0 * a.k_ss;
   V mx = vset1(-INFINITY);
@@ -692,7 +713,7 @@ void lanes_block(const AttnArgs& a, const KeyBlocks& kb, const Row* rows, int64_
 // rows, in groups of W. A group's last lanes, past R, repeat the last row, and their results are
 // dropped. Each block of keys is visited once, for every group in turn, while it is in cache.
 void attend_tile_lanes(const AttnArgs& a, int64_t b, int64_t kvh, int64_t r0, int64_t R,
-                       const KeyBlocks& kb, const Scratch& t) {
+                       const KeyBlocks<float>& kb, const Scratch& t) {
   const int64_t E = a.E, Ev = a.Ev, groups = (R + W - 1) / W;
   Row rows[BQ_MAX];
   int64_t g_lo[BQ_MAX / W], g_hi[BQ_MAX / W];      // keys some row of the group sees
@@ -730,16 +751,14 @@ void attend_tile_lanes(const AttnArgs& a, int64_t b, int64_t kvh, int64_t r0, in
                   Ev);
 }
 
-}  // namespace
-
-void attention(const AttnArgs& a) {
-  if (a.B == 0 || a.Hq == 0 || a.L == 0 || a.Ev == 0) return;
+template <class KT>
+void attention_typed(const AttnArgs& a) {
   const int64_t G = a.Hq / a.Hkv;
   const int nt = num_threads();
   // A tile of at most kDirectRows rows (decode: L = 1 times the GQA group) reads k and v in
   // place: each key meets so few queries that packing it would cost more than it saves. Its
   // blocks need not fit L1 and are longer, so the per-block softmax bookkeeping is rarer.
-  const bool direct = G * a.L <= kDirectRows;
+  const bool direct = !std::is_same_v<KT, float> || G * a.L <= kDirectRows;  // (16-bit: always)
   // The lanes path (above) unless there are weights to write.
   const bool lanes = kLanesPath && !direct && !a.weights;
   const int64_t evp = round_up(a.Ev, W);
@@ -786,9 +805,9 @@ void attention(const AttnArgs& a) {
   };
 
   auto head_blocks = [&](int64_t b, int64_t kvh) {
-    KeyBlocks kb;
-    kb.k = a.k + b * a.k_sb + kvh * a.k_sh;
-    kb.v = a.v + b * a.v_sb + kvh * a.v_sh;
+    KeyBlocks<KT> kb;
+    kb.k = static_cast<const KT*>(a.k) + b * a.k_sb + kvh * a.k_sh;
+    kb.v = static_cast<const KT*>(a.v) + b * a.v_sb + kvh * a.v_sh;
     kb.packed = prepack ? packed + (b * a.Hkv + kvh) * nblk * blk_floats : nullptr;
     kb.bk_max = bk_max;
     kb.evp = evp;
@@ -799,16 +818,17 @@ void attention(const AttnArgs& a) {
 
 #pragma omp parallel num_threads(nt) if (nt > 1 && tasks * splits > 1 && flops > 1e5)
   {
-    if (prepack) {
+    if constexpr (std::is_same_v<KT, float>)
+      if (prepack) {
 #pragma omp for schedule(static)
-      for (int64_t i = 0; i < a.B * a.Hkv * nblk; ++i) {
-        const KeyBlocks kb = head_blocks(i / nblk / a.Hkv, i / nblk % a.Hkv);
-        const int64_t j0 = i % nblk * bk_max, bk = std::min(bk_max, a.S - j0);
-        float* kt = packed + i * blk_floats;
-        pack_keys(kt, a, kb, j0, bk);
-        pack_values(kt + a.E * round_up(bk, KP), a, kb, j0, bk);
+        for (int64_t i = 0; i < a.B * a.Hkv * nblk; ++i) {
+          const KeyBlocks<float> kb = head_blocks(i / nblk / a.Hkv, i / nblk % a.Hkv);
+          const int64_t j0 = i % nblk * bk_max, bk = std::min(bk_max, a.S - j0);
+          float* kt = packed + i * blk_floats;
+          pack_keys(kt, a, kb, j0, bk);
+          pack_values(kt + a.E * round_up(bk, KP), a, kb, j0, bk);
+        }
       }
-    }
 #pragma omp for schedule(dynamic)
     for (int64_t job = 0; job < tasks * splits; ++job) {
       const Tile tl = tile_of(job / splits);
@@ -821,10 +841,12 @@ void attention(const AttnArgs& a) {
       t.m = thread_scratch(5, bq);
       t.l = thread_scratch(6, bq);
       const Partial part = splits > 1 ? partial_of(job) : Partial{};
-      if (lanes)
-        attend_tile_lanes(a, tl.b, tl.kvh, tl.r0, tl.R, head_blocks(tl.b, tl.kvh), t);
-      else
-        attend_tile(a, tl.b, tl.kvh, tl.r0, tl.R, head_blocks(tl.b, tl.kvh), t,
+      if constexpr (std::is_same_v<KT, float>)
+        if (lanes) {
+          attend_tile_lanes(a, tl.b, tl.kvh, tl.r0, tl.R, head_blocks(tl.b, tl.kvh), t);
+          continue;
+        }
+      attend_tile(a, tl.b, tl.kvh, tl.r0, tl.R, head_blocks(tl.b, tl.kvh), t,
                   splits > 1 ? &part : nullptr);
     }
     if (splits > 1) {
@@ -837,6 +859,17 @@ void attention(const AttnArgs& a) {
                     p0.o + i * evp, bq * evp);
       }
     }
+  }
+}
+
+}  // namespace
+
+void attention(const AttnArgs& a) {
+  if (a.B == 0 || a.Hq == 0 || a.L == 0 || a.Ev == 0) return;
+  switch (a.kv_dt) {
+    case DType::f32: return attention_typed<float>(a);
+    case DType::bf16: return attention_typed<bf16_t>(a);
+    case DType::f16: return attention_typed<f16_t>(a);
   }
 }
 

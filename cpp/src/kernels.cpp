@@ -19,6 +19,7 @@ void gemm(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t a_cs
           const PackedB& b, const float* bias, Activation act, int64_t M);
 // convert.cpp
 void to_half(uint16_t* dst, const float* src, int64_t n, DType dt);
+void to_float(float* dst, const uint16_t* src, int64_t n, DType dt);
 // softmax.cpp
 void softmax(float* out, const float* x, int64_t rows, int64_t n, int64_t ld);
 void vexp_array(float* out, const float* x, int64_t n, bool softmax);
@@ -27,7 +28,7 @@ void attention(const AttnArgs& args);
 
 const Kernels* kernels() {
   static const Kernels table = {MHATTN_STR(MHATTN_TARGET), panel_width(), b_layout,
-                                packed_size, pack_b, gemm, to_half, softmax, attention,
+                                packed_size, pack_b, gemm, to_half, to_float, softmax, attention,
                                 vexp_array};
   return &table;
 }

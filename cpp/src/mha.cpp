@@ -1,12 +1,14 @@
 // mha.cpp: the multi-head attention forward in one native call (arguments: MhaArgs, ops.h).
 //
 // 1. in-projections: x · Wᵀ + b for Q, K and V, each GEMM storing straight into the
-//    (B, H, L, E) layout of its buffer (or into the KV cache) through its OutMap;
+//    (B, H, L, E) layout of its buffer (or into the KV cache) through its OutMap; a 16-bit
+//    cache gets its new rows rounded from a float32 stage;
 // 2. attention in every head, writing each head's output beside the others (concat);
 // 3. out-projection: concat · Woᵀ + bo;
 // 4. if asked, the attention weights averaged over heads.
 // The kernels come from the active target; this file holds no arithmetic of its own but step 4.
 #include <stdexcept>
+#include <vector>
 
 #include "mhattn/ops.h"
 
@@ -19,13 +21,51 @@ void project(const Kernels& k, const Projection& p) {
                              " kernels, but the active kernels are " + k.name);
   k.gemm(p.dst, p.x, p.x_dt, p.x_rs, 1, *p.w, p.bias, Activation::none, p.rows);
 }
+// dst (B, H, S, n) float32, contiguous = src (B, H, S, n) of dt, rows of n (contiguous) at
+// src + b·sb + h·sh + s·ss.
+void widen(const Kernels& k, float* dst, const void* src, DType dt, int64_t B, int64_t H,
+           int64_t S, int64_t n, int64_t sb, int64_t sh, int64_t ss) {
+  const auto* p = static_cast<const uint16_t*>(src);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      const uint16_t* head = p + b * sb + h * sh;
+      float* out = dst + (b * H + h) * S * n;
+      if (ss == n) {
+        k.to_float(out, head, S * n, dt);
+      } else {
+        for (int64_t s = 0; s < S; ++s) k.to_float(out + s * n, head + s * ss, n, dt);
+      }
+    }
+}
 }  // namespace
+
+void attention(const AttnArgs& a) {
+  const Kernels& k = kernels();
+  if (a.kv_dt == DType::f32 || a.Hkv == 0 || a.Hq / a.Hkv * a.L <= kAttentionDirectRows)
+    return k.attention(a);
+  std::vector<float> kf(static_cast<size_t>(a.B * a.Hkv * a.S * a.E));
+  std::vector<float> vf(static_cast<size_t>(a.B * a.Hkv * a.S * a.Ev));
+  widen(k, kf.data(), a.k, a.kv_dt, a.B, a.Hkv, a.S, a.E, a.k_sb, a.k_sh, a.k_ss);
+  widen(k, vf.data(), a.v, a.kv_dt, a.B, a.Hkv, a.S, a.Ev, a.v_sb, a.v_sh, a.v_ss);
+  AttnArgs w = a;
+  w.kv_dt = DType::f32;
+  w.k = kf.data();
+  w.k_sb = a.Hkv * a.S * a.E, w.k_sh = a.S * a.E, w.k_ss = a.E;
+  w.v = vf.data();
+  w.v_sb = a.Hkv * a.S * a.Ev, w.v_sh = a.S * a.Ev, w.v_ss = a.Ev;
+  k.attention(w);
+}
 
 void mha_forward(const MhaArgs& a) {
   const Kernels& k = kernels();
   for (const Projection& p : a.proj)  // 1.
     if (p.w) project(k, p);
-  k.attention(a.attn);                // 2.
+  const KvStage& st = a.stage;
+  if (st.src)
+    for (int64_t bh = 0; bh < st.B * st.H2; ++bh)
+      k.to_half(st.cache + (bh * st.Sbuf + st.pos) * st.E, st.src + bh * st.n * st.E,
+                st.n * st.E, st.dt);
+  attention(a.attn);                  // 2.
   project(k, a.out_proj);             // 3.
   if (a.avg_weights) {                // 4. avg (B, L, S) = mean over h of weights (B, Hq, L, S)
     const AttnArgs& t = a.attn;

@@ -46,10 +46,25 @@ def get_num_threads():
     return _core.get_num_threads()
 
 
+# How each precision's products run on each target (the attention computes in float32 for now).
+_PATHS = {
+    "generic": ("float32 vectors", "widened to float32", "widened to float32"),
+    "avx2": ("AVX2 FMA", "widened to float32 in registers", "F16C, widened in registers"),
+    "avx512": ("AVX-512 FMA", "widened to float32 in registers", "F16C, widened in registers"),
+    "avx512bf16": ("AVX-512 FMA", "vdpbf16ps", "F16C, widened in registers"),
+    "amx": ("AVX-512 FMA", "AMX tiles (16 rows or more), vdpbf16ps", "F16C, widened in registers"),
+}
+
+
 def show_config():
-    """Print the version, the SIMD target chosen at run time, and the thread count."""
+    """Print the version, the SIMD target chosen at run time and how each precision runs on
+    it, whether AMX can run here (and why not), and the thread count."""
     print(f"mhattn {__version__}")
-    print(f"  SIMD target: {_core.target()} (this CPU can run: {', '.join(_core.targets())})")
+    t = _core.target()
+    print(f"  SIMD target: {t} (this CPU can run: {', '.join(_core.targets())})")
+    f32, bf16, f16 = _PATHS.get(t, ("?", "?", "?"))
+    print(f"  products:    float32 {f32}; bfloat16 {bf16}; float16 {f16}")
+    print(f"  AMX:         {_core.amx_status() or 'available'}")
     print(f"  threads:     {get_num_threads()}")
 
 

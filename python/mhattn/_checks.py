@@ -188,14 +188,17 @@ def mask_4d(mask, name, full_shape, shapes, bool_keep):
 
 def check_sdpa(query, key, value, attn_mask, is_causal, scale, enable_gqa, causal_align, window,
                softcap=None):
-    """Arguments of scaled_dot_product_attention -> what _core.attention takes, plus whether the
-    input had no batch axis and the result's dtype."""
+    """Arguments of scaled_dot_product_attention -> what _core.attention takes (q float32; k and
+    v bfloat16 or float16 as they are, viewed as uint16, with their dtype code; else float32),
+    plus whether the input had no batch axis and the result's dtype."""
     qa, ka, va = as_array(query), as_array(key), as_array(value)
     if (not (qa.dtype is ka.dtype is va.dtype or qa.dtype == ka.dtype == va.dtype)
             and all(is_float(a.dtype) for a in (qa, ka, va))):
         raise TypeError(f"query, key and value must have one dtype; got query {qa.dtype}, key "
                         f"{ka.dtype}, value {va.dtype}")
-    q, k, v = as_float(qa, "query"), as_float(ka, "key"), as_float(va, "value")
+    half = ka.dtype in (BF16, F16) and ka.dtype == va.dtype
+    q = as_float(qa, "query")
+    k, v = (ka, va) if half else (as_float(ka, "key"), as_float(va, "value"))
     shapes = _Shapes(query=q, key=k, value=v)
     if q.ndim not in (3, 4) or k.ndim != q.ndim or v.ndim != q.ndim:
         raise ValueError("query, key and value must all be (B, H, len, dim) or all (H, len, dim); "
@@ -234,9 +237,9 @@ def check_sdpa(query, key, value, attn_mask, is_causal, scale, enable_gqa, causa
     if mask is not None and unbatched:
         mask = (mask[0][None], mask[1])
     diag = S - L if causal_align == "bottom_right" else 0
-    return (last_contiguous(q), last_contiguous(k), last_contiguous(v), mask, bool(is_causal),
-            diag, window or 0, float(scale), softcap or 0.0, unbatched,
-            result_dtype(qa.dtype))
+    (k, kv_code), (v, _) = native(last_contiguous(k)), native(last_contiguous(v))
+    return (last_contiguous(q), k, v, kv_code, mask, bool(is_causal), diag, window or 0,
+            float(scale), softcap or 0.0, unbatched, result_dtype(qa.dtype))
 
 
 class MhaCall:

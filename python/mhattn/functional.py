@@ -40,11 +40,13 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
     Hkv: query head h reads kv head h // (Hq // Hkv). A query with no visible key gets zeros,
     not NaN.
     """
-    q, k, v, mask, causal, diag, window, scale, softcap, unbatched, dtype = _checks.check_sdpa(
-        query, key, value, attn_mask, is_causal, scale, enable_gqa, causal_align, window, softcap)
+    q, k, v, kv_code, mask, causal, diag, window, scale, softcap, unbatched, dtype = (
+        _checks.check_sdpa(query, key, value, attn_mask, is_causal, scale, enable_gqa,
+                           causal_align, window, softcap))
     B, Hq, L, _ = q.shape
     out = np.empty((B, Hq, L, v.shape[3]), dtype=np.float32)
-    _core.attention(out, None, q, k, v, mask, None, causal, diag, window, scale, softcap)
+    _core.attention(out, None, q, k, v, mask, None, causal, diag, window, scale, softcap,
+                    kv_code)
     out = _checks.cast(out, dtype)
     return out[0] if unbatched else out
 

@@ -12,9 +12,9 @@ padding masks, the dynamic and static caches, and `model.generate`.
 
 What it cannot serve goes to transformers' own sdpa function, with a warning the first time:
 dropout (training), tensors that need grad, tensors off the CPU, float64, attention sinks or a
-position bias, and keyword arguments it does not know. bfloat16 and float16 models are computed
-by converting q, k and v to float32 and the output back (until mhattn has kernels of its own
-in those precisions).
+position bias, and keyword arguments it does not know. In bfloat16 and float16 models the
+kernel reads k and v in their own dtype (a decode step reads half the bytes), q is widened to
+float32, scores and softmax are float32, and the output is rounded to the model's dtype.
 
 Needs transformers 4.53 or newer; tested against the newest release that installs here.
 """
@@ -44,7 +44,7 @@ except ImportError as e:  # transformers missing, or older than the two interfac
         "mhattn.hf needs transformers 4.53 or newer (for AttentionInterface and "
         f"AttentionMaskInterface); importing them failed: {e}") from None
 
-from . import _checks, _core
+from . import _checks, _core, _torch
 
 __all__ = ["register", "attention_forward", "mask", "NAME"]
 
@@ -103,8 +103,8 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
                                       scaling=scaling, is_causal=is_causal, softcap=softcap,
                                       sliding_window=sliding_window, **kwargs)
     dtype = query.dtype
-    if dtype != torch.float32:  # computed in float32 until mhattn has bf16/fp16 kernels
-        query, key, value = query.float(), key.float(), value.float()
+    if dtype != torch.float32:
+        query = query.float()  # k and v are read in their dtype; q is small next to them
     B, Hq, L, E = query.shape
     Hkv, S, Ev = key.shape[1], key.shape[2], value.shape[3]
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
@@ -117,16 +117,19 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
         causal = False
         mask_arg = _checks.mask_4d(_mask_numpy(attention_mask), "attention_mask",
                                    (B, Hq, L, S), "", bool_keep=1)
-    q, k, v = (_checks.last_contiguous(t.numpy()) for t in (query, key, value))
+    q = _checks.last_contiguous(query.numpy())
+    (k, kv_code), (v, _) = (_checks.native(_checks.last_contiguous(_torch.to_numpy(t, "key")))
+                            for t in (key, value))
     out = torch.empty((B, L, Hq, Ev), dtype=torch.float32)
     weights = None
     if kwargs.get("output_attentions"):
         weights = torch.zeros((B, Hq, L, S), dtype=torch.float32)
     scale = 1.0 / E ** 0.5 if scaling is None else float(scaling)
     _core.attention(out.numpy().transpose(0, 2, 1, 3), None if weights is None else weights.numpy(),
-                    q, k, v, mask_arg, None, causal, S - L, window, scale, float(softcap or 0.0))
+                    q, k, v, mask_arg, None, causal, S - L, window, scale, float(softcap or 0.0),
+                    kv_code)
     if dtype != torch.float32:
-        out = out.to(dtype)
+        out = _torch.from_numpy(_checks.cast(out.numpy(), _KEPT_DTYPES[dtype]))
         weights = None if weights is None else weights.to(dtype)
     return out, weights
 

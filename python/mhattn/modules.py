@@ -78,15 +78,18 @@ class Linear:
 class KVCache:
     """Keys and values of earlier tokens, for decoding one token (or chunk) at a time.
 
-    KVCache(batch, num_kv_heads, max_len, head_dim) preallocates room for max_len tokens of one
-    layer; len(cache) is how many it holds. Pass it as mha(x_new, kv_cache=cache): the layer
+    KVCache(batch, num_kv_heads, max_len, head_dim, *, dtype="float32") preallocates room for
+    max_len tokens of one layer; len(cache) is how many it holds. dtype "bfloat16" or "float16"
+    stores keys and values in half the bytes: appends round them, and a decode step reads the
+    half-size cache directly (the layers above widen it to float32 for a longer chunk). Pass it as mha(x_new, kv_cache=cache): the layer
     projects x_new, appends its keys and values, and attends over everything cached, each new
     token seeing all earlier tokens and the earlier tokens of its own chunk. Appending past
     max_len raises ValueError and leaves the cache unchanged. One cache serves one layer and
     one sequence of calls at a time.
     """
 
-    def __init__(self, batch, num_kv_heads, max_len, head_dim):
+    def __init__(self, batch, num_kv_heads, max_len, head_dim, *, dtype="float32"):
+        self.dtype = _checks.compute_dtype(dtype)
         self.batch = _checks.as_int(batch, "batch", 1)
         self.num_kv_heads = _checks.as_int(num_kv_heads, "num_kv_heads", 1)
         self.max_len = _checks.as_int(max_len, "max_len", 0)
@@ -94,15 +97,16 @@ class KVCache:
         # Keys in heads [0, Hkv), values in [Hkv, 2 Hkv): one buffer, so the in-projection
         # writes both straight into place.
         self._kv = np.zeros((self.batch, 2 * self.num_kv_heads, self.max_len, self.head_dim),
-                            dtype=np.float32)
+                            dtype=self.dtype)
         self._len = 0
 
     def __len__(self):
         return self._len
 
     def __repr__(self):
+        dt = "" if self.dtype == np.float32 else f", dtype={self.dtype.name!r}"
         return (f"KVCache(batch={self.batch}, num_kv_heads={self.num_kv_heads}, "
-                f"max_len={self.max_len}, head_dim={self.head_dim}, len={self._len})")
+                f"max_len={self.max_len}, head_dim={self.head_dim}{dt}, len={self._len})")
 
     @property
     def keys(self):
@@ -318,9 +322,10 @@ class MultiHeadAttention:
         weights = np.zeros((B, Hq, L, S), dtype=np.float32) if need_weights else None
         avg = np.empty((B, L, S), np.float32) if need_weights and average_attn_weights else None
         seq_major = not self.batch_first and not c.unbatched
+        kv_arr, kv_code = _checks.native(kvbuf)  # a 16-bit cache as its bits
         _core.mha_forward(out, concat, weights, avg, c.xq, c.xk, c.xv, *self._packed.get(),
-                          *self._biases, qbuf, kvbuf, kv_pos, c.S_new, seq_major, masks[0],
-                          masks[1], causal, diag, float(1.0 / np.sqrt(E)), c.x_code)
+                          *self._biases, qbuf, kv_arr, kv_pos, c.S_new, seq_major, masks[0],
+                          masks[1], causal, diag, float(1.0 / np.sqrt(E)), c.x_code, kv_code)
         if kv_cache is not None:
             kv_cache._len = S
 

@@ -76,7 +76,9 @@ struct MaskArg {
 
 // out (B, Hq, L, Ev) = softmax(scale * q kᵀ + masks) v, head h reading kv head h / (Hq / Hkv).
 // q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), out: all with the last axis contiguous,
-// the other strides free. weights (B, Hq, L, S) contiguous and zero-filled, or null.
+// the other strides free. q and out are float32; k and v are of kv_dt, and a 16-bit kv_dt is
+// read in place by Kernels::attention only when Hq / Hkv · L <= kAttentionDirectRows (decode);
+// mhattn::attention widens it first otherwise. weights (B, Hq, L, S) contiguous and zero-filled, or null.
 // Key j is visible to query l when the masks allow it and, with p = l + diag_offset,
 //   causal: j <= p;   window > 0: j > p - window (and j < p + window when not causal).
 // softcap > 0 caps every scaled score s to softcap · tanh(s / softcap) before the masks
@@ -87,10 +89,11 @@ struct AttnArgs {
   float* weights;
   const float* q;
   int64_t q_sb, q_sh, q_sl;
-  const float* k;
+  const void* k;
   int64_t k_sb, k_sh, k_ss;
-  const float* v;
+  const void* v;
   int64_t v_sb, v_sh, v_ss;
+  DType kv_dt;
   MaskArg masks[2];
   int64_t B, Hq, Hkv, L, S, E, Ev;
   float scale;
@@ -99,6 +102,9 @@ struct AttnArgs {
   int64_t window;       // 0: no window
   float softcap;        // 0: no cap
 };
+
+// Rows of a tile (Hq / Hkv · L) up to which attention reads k and v in place, a decode step's.
+constexpr int64_t kAttentionDirectRows = 4;
 
 // ---------------------------------------------------------------------------------------------
 // The kernels of one target. dispatch.cpp picks a table at import from the CPU's features.
@@ -117,6 +123,8 @@ struct Kernels {
                const PackedB& b, const float* bias, Activation act, int64_t M);
   // dst[i] = src[i] rounded to dt (bf16 or f16), to nearest even, i < n.
   void (*to_half)(uint16_t* dst, const float* src, int64_t n, DType dt);
+  // dst[i] = src[i] (bf16 or f16) widened to float32, i < n.
+  void (*to_float)(float* dst, const uint16_t* src, int64_t n, DType dt);
   // out = softmax(x) over each row of n; rows apart by ld in both. out may equal x.
   void (*softmax)(float* out, const float* x, int64_t rows, int64_t n, int64_t ld);
   void (*attention)(const AttnArgs& args);
@@ -168,6 +176,9 @@ float* shared_scratch(int64_t n);
 // times it to know the memory bandwidth the kernels can have.
 double read_memory(const float* x, int64_t n);
 
+// mha.cpp: attention on the active kernels, a 16-bit k and v widened to float32 first where the
+// kernel reads float32 (every tile but a decode step's).
+void attention(const AttnArgs& a);
 // mha.cpp: the multi-head attention forward, projections included.
 struct Projection {
   const void* x;         // (rows, K) of dtype x_dt, rows apart by x_rs, columns contiguous
@@ -177,8 +188,18 @@ struct Projection {
   const float* bias;     // (N) or null
   OutMap dst;
 };
+// A KV cache of a 16-bit dtype: the K and V projections write their float32 rows into src
+// (B, H2 = 2 Hkv, n new positions, E), and mha_forward rounds them into the cache (B, H2,
+// Sbuf, E) at positions pos .. pos + n.
+struct KvStage {
+  const float* src;      // null: no stage (the projections write a float32 cache in place)
+  uint16_t* cache;
+  DType dt;
+  int64_t B, H2, n, E, Sbuf, pos;
+};
 struct MhaArgs {
   Projection proj[3];    // Q, K, V; a projection with w == null is skipped (cached keys)
+  KvStage stage;         // where K and V go when the cache is 16-bit
   AttnArgs attn;         // reads what the projections wrote; attn.out is the concat buffer
   Projection out_proj;   // x = the concat buffer (rows of the query, Hq * Ev): heads side by side
   float* avg_weights;    // (B, L, S) or null: weights averaged over heads (attn.weights set)
