@@ -8,7 +8,6 @@
 // 4. if asked, the attention weights averaged over heads.
 // The kernels come from the active target; this file holds no arithmetic of its own but step 4.
 #include <stdexcept>
-#include <vector>
 
 #include "mhattn/ops.h"
 
@@ -26,16 +25,17 @@ void project(const Kernels& k, const Projection& p) {
 void widen(const Kernels& k, float* dst, const void* src, DType dt, int64_t B, int64_t H,
            int64_t S, int64_t n, int64_t sb, int64_t sh, int64_t ss) {
   const auto* p = static_cast<const uint16_t*>(src);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H; ++h) {
-      const uint16_t* head = p + b * sb + h * sh;
-      float* out = dst + (b * H + h) * S * n;
-      if (ss == n) {
-        k.to_float(out, head, S * n, dt);
-      } else {
-        for (int64_t s = 0; s < S; ++s) k.to_float(out + s * n, head + s * ss, n, dt);
-      }
+  const int nt = num_threads();
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && B * H > 1 && B * H * S * n > (1 << 16))
+  for (int64_t bh = 0; bh < B * H; ++bh) {
+    const uint16_t* head = p + bh / H * sb + bh % H * sh;
+    float* out = dst + bh * S * n;
+    if (ss == n) {
+      k.to_float(out, head, S * n, dt);
+    } else {
+      for (int64_t s = 0; s < S; ++s) k.to_float(out + s * n, head + s * ss, n, dt);
     }
+  }
 }
 }  // namespace
 
@@ -43,15 +43,15 @@ void attention(const AttnArgs& a) {
   const Kernels& k = kernels();
   if (a.kv_dt == DType::f32 || a.Hkv == 0 || a.Hq / a.Hkv * a.L <= kAttentionDirectRows)
     return k.attention(a);
-  std::vector<float> kf(static_cast<size_t>(a.B * a.Hkv * a.S * a.E));
-  std::vector<float> vf(static_cast<size_t>(a.B * a.Hkv * a.S * a.Ev));
-  widen(k, kf.data(), a.k, a.kv_dt, a.B, a.Hkv, a.S, a.E, a.k_sb, a.k_sh, a.k_ss);
-  widen(k, vf.data(), a.v, a.kv_dt, a.B, a.Hkv, a.S, a.Ev, a.v_sb, a.v_sh, a.v_ss);
+  float* kf = widen_scratch(0, a.B * a.Hkv * a.S * a.E);
+  float* vf = widen_scratch(1, a.B * a.Hkv * a.S * a.Ev);
+  widen(k, kf, a.k, a.kv_dt, a.B, a.Hkv, a.S, a.E, a.k_sb, a.k_sh, a.k_ss);
+  widen(k, vf, a.v, a.kv_dt, a.B, a.Hkv, a.S, a.Ev, a.v_sb, a.v_sh, a.v_ss);
   AttnArgs w = a;
   w.kv_dt = DType::f32;
-  w.k = kf.data();
+  w.k = kf;
   w.k_sb = a.Hkv * a.S * a.E, w.k_sh = a.S * a.E, w.k_ss = a.E;
-  w.v = vf.data();
+  w.v = vf;
   w.v_sb = a.Hkv * a.S * a.Ev, w.v_sh = a.S * a.Ev, w.v_ss = a.Ev;
   k.attention(w);
 }

@@ -86,6 +86,11 @@ float* shared_scratch(int64_t n) {
   return grow(shared, n);
 }
 
+float* widen_scratch(int slot, int64_t n) {
+  thread_local Scratch widened[2];
+  return grow(widened[slot], n);
+}
+
 double read_memory(const float* x, int64_t n) {
   // Eight running sums of four floats per thread (SSE2 on x86-64, NEON on ARM, with no ISA
   // flags) keep enough loads and adds in flight that memory, not the adds' latency, is the

@@ -74,6 +74,8 @@ _DTYPE_NAMES = {"float32": _F32, "bfloat16": BF16, "float16": F16}
 def native(a):
     """(array, code) as the kernels read a float32, bfloat16 or float16 array a: float32 as it
     is, the 16-bit ones viewed as uint16 (no copy); code is the kernels' dtype code."""
+    if a.dtype is _F32:  # the common case first: hashing a dtype is slow
+        return a, 0
     code = _CODES[a.dtype]
     return (a, 0) if code == 0 else (a.view(np.uint16), code)
 
@@ -196,7 +198,7 @@ def check_sdpa(query, key, value, attn_mask, is_causal, scale, enable_gqa, causa
             and all(is_float(a.dtype) for a in (qa, ka, va))):
         raise TypeError(f"query, key and value must have one dtype; got query {qa.dtype}, key "
                         f"{ka.dtype}, value {va.dtype}")
-    half = ka.dtype in (BF16, F16) and ka.dtype == va.dtype
+    half = ka.dtype is not _F32 and (ka.dtype == BF16 or ka.dtype == F16)
     q = as_float(qa, "query")
     k, v = (ka, va) if half else (as_float(ka, "key"), as_float(va, "value"))
     shapes = _Shapes(query=q, key=k, value=v)
