@@ -79,8 +79,9 @@ class Case:
                              f"Llama {self.S - self.L} cached + {self.L}"}[self.model]
             return f"{what}, {self.part}"
         tensors = " (torch tensors)" if self.kind == "tiny" and self.model == "torch" else ""
+        half = "" if self.dtype == "float32" else f" {self.dtype}"
         return (f"B{self.B} H{self.Hq}{gqa} L{self.L} S{self.S} E{self.E}"
-                + (" causal" if self.causal else "") + tensors)
+                + (" causal" if self.causal else "") + tensors + half)
 
     @property
     def flops(self):
@@ -101,7 +102,8 @@ class Case:
     @property
     def bytes(self):
         """Bytes a decode step must read: the keys and values (and a layer's weights)."""
-        kv = 2.0 * 4 * self.B * self.Hkv * self.S * self.E
+        size = 4 if self.dtype == "float32" else 2
+        kv = 2.0 * size * self.B * self.Hkv * self.S * self.E
         if self.kind == "cache":
             D, KV = self.Hq * self.E, self.Hkv * self.E
             kv += 4.0 * D * (2 * D + 2 * KV)
@@ -164,6 +166,24 @@ def preset(name, args):
             return "1.8x fp32" if m == 1 else "0.95x fp32"
         return [Case(f"GEMM x @ W.T, {dtype}", "gemm", M=m, N=n, K=k, dtype=dtype,
                      target=target(m)) for m, n, k in shapes]
+    if name in ("attention-bf16", "attention-f16"):  # the heads sweep and design shapes, 16-bit
+        dtype = {"attention-bf16": "bfloat16", "attention-f16": "float16"}[name]
+        # Without AMX (products in float32 or on vdpbf16ps), the DESIGN asks 1.3x torch's SDPA
+        # in bfloat16 and no slower than float32; with AMX, 2x torch's.
+        amx = "amx" in _core.targets()
+        t = "2.0x torch" if amx else "1.3x torch; 1.0x fp32"
+        cases = [Case(f"attention {dtype}, width 768", "sdpa", 1, h, h, 512, 512, 768 // h,
+                      dtype=dtype, target=t) for h in (1, 4, 12, 64)]
+        cases += [Case(f"attention {dtype}, design shapes", "sdpa", b, h, h, l, l, 64,
+                       dtype=dtype, target=t) for b, h, l in ((1, 12, 128), (8, 12, 128), (1, 16, 2048))]
+        cases.append(Case(f"attention {dtype}, causal", "sdpa", 1, 32, 32, 1024, 1024, 128,
+                          causal=True, dtype=dtype, target=t))
+        return cases
+    if name in ("decode-bf16", "decode-f16"):  # a cache in half the bytes: read at the bandwidth
+        dtype = {"decode-bf16": "bfloat16", "decode-f16": "float16"}[name]
+        return [Case(f"decode, {dtype} cache", "decode", b, h, hkv, 1, s, 128, dtype=dtype,
+                     target="0.75 bandwidth")
+                for b, h, hkv, s in ((1, 32, 32, 4096), (16, 32, 32, 1024), (1, 32, 8, 4096))]
     if name == "minilm":
         return [Case("sentence embeddings", "model", B=32, target="1.3x torch"),
                 Case("sentence embeddings", "model", B=32, padded=True)]
@@ -185,8 +205,8 @@ def preset(name, args):
 
 
 PRESETS = ["heads", "fixed-dim", "design", "causal", "gqa", "decode", "layer", "layer-heads",
-           "layer-fixed-dim", "cache", "gemm", "gemm-bf16", "gemm-f16", "tiny", "minilm", "gpt2",
-           "hf"]
+           "layer-fixed-dim", "cache", "gemm", "gemm-bf16", "gemm-f16", "attention-bf16",
+           "attention-f16", "decode-bf16", "decode-f16", "tiny", "minilm", "gpt2", "hf"]
 GPT2_LAYERS = 4
 # The Llama-style model of the hf preset (random weights): the shape of the design's figures.
 HF_LLAMA = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
@@ -369,9 +389,10 @@ def make_inputs(case, rng):
         D = case.Hq * case.E
         mod = mhattn.MultiHeadAttention(D, case.Hq, num_kv_heads=case.Hkv, seed=0)
         return dict(mod=mod, x=rng.standard_normal((case.B, case.S, D), dtype=np.float32))
-    q = rng.standard_normal((case.B, case.Hq, case.L, case.E), dtype=np.float32)
-    k = rng.standard_normal((case.B, case.Hkv, case.S, case.E), dtype=np.float32)
-    v = rng.standard_normal((case.B, case.Hkv, case.S, case.E), dtype=np.float32)
+    d = _checks.compute_dtype(case.dtype)
+    q = rng.standard_normal((case.B, case.Hq, case.L, case.E), dtype=np.float32).astype(d)
+    k = rng.standard_normal((case.B, case.Hkv, case.S, case.E), dtype=np.float32).astype(d)
+    v = rng.standard_normal((case.B, case.Hkv, case.S, case.E), dtype=np.float32).astype(d)
     return dict(q=q, k=k, v=v)
 
 
@@ -479,6 +500,8 @@ def run_numpy(case, inp):
                           lambda x, w, b: x @ w.T + b, lambda q, k, v: numpy_sdpa(q, k, v, False, group),
                           lambda shape: np.empty(shape, np.float32),
                           lambda t, n, length: t.reshape(case.B, length, n, case.E).transpose(0, 2, 1, 3))
+    if case.dtype != "float32":
+        raise Skip("NumPy computes float32 here")
     q, k, v = inp["q"], inp["k"], inp["v"]
     return lambda: numpy_sdpa(q, k, v, case.causal, case.Hq // case.Hkv)
 
@@ -551,12 +574,15 @@ def run_torch(case, inp):
             with torch.inference_mode():
                 return step().numpy()
         return cached
-    q, k, v = (torch.from_numpy(inp[n]) for n in "qkv")
+    from mhattn import _torch
+
+    q, k, v = (_torch.from_numpy(inp[n]) for n in "qkv")  # bfloat16 through a bit view
     gqa = case.Hq != case.Hkv
 
     def sdpa():
         with torch.inference_mode():
-            return F.scaled_dot_product_attention(q, k, v, is_causal=case.causal, enable_gqa=gqa).numpy()
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=case.causal, enable_gqa=gqa)
+            return _torch.to_numpy(out, "out")
     return sdpa
 
 
@@ -570,6 +596,8 @@ def run_onnxruntime(case, inp):
         raise Skip("only attention is built for onnxruntime")  # (layers and models: not yet)
     if case.Hq != case.Hkv:
         raise Skip("com.microsoft MultiHeadAttention has no grouped-query heads")
+    if case.dtype != "float32":
+        raise Skip("built for float32 only")
     if case.causal and case.L != case.S:
         raise Skip("unidirectional needs L == S")
     B, H, L, S, E = case.B, case.Hq, case.L, case.S, case.E
@@ -643,7 +671,8 @@ def read_gbps(arrays=()):
         arrays = _READ_BUFFER
     t0 = time.perf_counter()
     for x in arrays:
-        _core._read_memory(x.reshape(-1))
+        flat = x.reshape(-1)
+        _core._read_memory(flat if flat.dtype == np.float32 else flat[:flat.size // 2 * 2].view(np.float32))
     return sum(x.nbytes for x in arrays) / (time.perf_counter() - t0) / 1e9
 
 
@@ -699,6 +728,12 @@ def bench_case(case, engines, repeats, rounds, pause, min_sample_s, rng):
     twin = None
     if case.kind == "tiny" and case.model == "torch" and "mhattn" in fns:
         twin = (lambda: mhattn.scaled_dot_product_attention(inp["q"], inp["k"], inp["v"]), [])
+    if case.kind in ("sdpa", "decode") and case.dtype != "float32" and "mhattn" in fns:
+        # Attention in a 16-bit dtype is judged against mhattn's float32, on the same values.
+        q32, k32, v32 = (inp[n].astype(np.float32) for n in "qkv")
+        gqa = case.Hq != case.Hkv
+        twin = (lambda: mhattn.scaled_dot_product_attention(q32, k32, v32, is_causal=case.causal,
+                                                             enable_gqa=gqa), [])
     if case.kind == "gemm" and case.dtype != "float32" and "mhattn" in fns:
         # A half product is judged against mhattn's own float32 one, on the same values.
         lin32, x32 = mhattn.Linear(inp["w"].astype(np.float32)), inp["x"].astype(np.float32)
