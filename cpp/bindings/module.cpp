@@ -204,6 +204,18 @@ PYBIND11_MODULE(_core, m) {
     mhattn::kernels().to_half(y, x, n, static_cast<mhattn::DType>(dt));
   }, "dst"_a, "src"_a, "dtype"_a);
 
+  // dst (n) float32 = src (n) of dtype code dt (1 bfloat16, 2 float16) widened; contiguous.
+  m.def("to_float", [](py::array dst, const py::array& src, int dt) {
+    float* y = out_f32(dst, "dst", 1);
+    require(src.itemsize() == 2 && src.ndim() == 1 && (dt == 1 || dt == 2) &&
+                dst.shape(0) == src.shape(0) && (src.shape(0) <= 1 || (st(src, 0) == 1 && st(dst, 0) == 1)),
+            "to_float wants contiguous arrays of one length");
+    const auto* x = static_cast<const uint16_t*>(src.data());
+    const int64_t n = src.shape(0);
+    py::gil_scoped_release release;
+    mhattn::kernels().to_float(y, x, n, static_cast<mhattn::DType>(dt));
+  }, "dst"_a, "src"_a, "dtype"_a);
+
   // out (R, n) = softmax over the rows of x (R, n); both C-contiguous, out may be x.
   m.def("softmax", [](py::array out, const py::array& x) {
     float* y = out_f32(out, "out", 2);

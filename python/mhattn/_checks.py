@@ -63,6 +63,11 @@ def as_float(x, name):
     if not is_float(a.dtype):
         raise TypeError(f"{name} must be a floating-point array (float32, bfloat16 or float16; "
                         f"float64 is converted to float32), got dtype {a.dtype}")
+    code = _CODES.get(a.dtype, 0)
+    if code and a.flags.c_contiguous:  # the kernels widen in one threaded vector pass; NumPy's
+        out = np.empty(a.shape, _F32)  # float16 cast is scalar (0.5 ms for 98 K values here)
+        _core.to_float(out.reshape(-1), a.reshape(-1).view(np.uint16), code)
+        return out
     return a.astype(_F32)
 
 
