@@ -196,7 +196,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("to_half", [](py::array dst, const py::array& src, int dt) {
     const float* x = in_f32(src, "src", 1);
     require(dst.itemsize() == 2 && dst.ndim() == 1 && (dt == 1 || dt == 2) &&
-                dst.shape(0) == src.shape(0) && (src.shape(0) <= 1 || (st(src, 0) == 1 && st(dst, 0) == 1)),
+                dst.shape(0) == src.shape(0) &&
+                (src.shape(0) <= 1 || (st(src, 0) == 1 && st(dst, 0) == 1)),
             "to_half wants contiguous arrays of one length");
     auto* y = static_cast<uint16_t*>(dst.mutable_data());
     const int64_t n = src.shape(0);
@@ -208,7 +209,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("to_float", [](py::array dst, const py::array& src, int dt) {
     float* y = out_f32(dst, "dst", 1);
     require(src.itemsize() == 2 && src.ndim() == 1 && (dt == 1 || dt == 2) &&
-                dst.shape(0) == src.shape(0) && (src.shape(0) <= 1 || (st(src, 0) == 1 && st(dst, 0) == 1)),
+                dst.shape(0) == src.shape(0) &&
+                (src.shape(0) <= 1 || (st(src, 0) == 1 && st(dst, 0) == 1)),
             "to_float wants contiguous arrays of one length");
     const auto* x = static_cast<const uint16_t*>(src.data());
     const int64_t n = src.shape(0);

@@ -1,8 +1,9 @@
 // convert.cpp: float32 rounded to bfloat16 or float16, for every target: how a result computed
-// in float32 gets the dtype of its input; and bfloat16 or float16 widened to float32 (exact). Round to nearest, ties to even, as NumPy, ml_dtypes
-// and torch round; NaN stays NaN; float16 overflows to ±inf from 65520 on and keeps its
-// subnormals. One pass, vectorised and spread over the threads (NumPy's own float16 cast is
-// scalar: a 128 × 2304 float16 result took longer to round there than to compute).
+// in float32 gets the dtype of its input; and bfloat16 or float16 widened to float32 (exact).
+// Round to nearest, ties to even, as NumPy, ml_dtypes and torch round; NaN stays NaN; float16
+// overflows to ±inf from 65520 on and keeps its subnormals. One pass, vectorised and spread over
+// the threads (NumPy's own float16 cast is scalar: a 128 × 2304 float16 result took longer to
+// round there than to compute).
 #include <algorithm>
 #include <cstring>
 
@@ -45,7 +46,8 @@ uint16_t f16_bits(float x) {
 void store_bf16(uint16_t* dst, V v) {
   const __m512i u = _mm512_castps_si512(v), one = _mm512_set1_epi32(1);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  const __m512i half_ulp = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, half_ulp), 16);
   const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
   r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(r));
@@ -58,7 +60,8 @@ void store_f16(uint16_t* dst, V v) {
 void store_bf16(uint16_t* dst, V v) {
   const __m256i u = _mm256_castps_si256(v), one = _mm256_set1_epi32(1);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+  const __m256i half_ulp = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, half_ulp), 16);
   const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
   const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
   r = _mm256_blendv_epi8(r, quiet, nan);
