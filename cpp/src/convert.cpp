@@ -14,13 +14,6 @@ namespace mhattn {
 namespace MHATTN_TARGET {
 namespace {
 
-uint16_t bf16_bits(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);  // NaN
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
 uint16_t f16_bits(float x) {
   uint32_t u;
   std::memcpy(&u, &x, sizeof u);

@@ -62,6 +62,14 @@ inline float to_f32(f16_t x) {  // binary16: 1 sign, 5 exponent (bias 15), 10 ma
   return f;
 }
 
+// x rounded to bfloat16 (its 16 bits), to nearest with ties to even; NaN stays a (quiet) NaN.
+inline uint16_t bf16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
 #if defined(MHATTN_SIMD_AVX512)
 
 using V = __m512;

@@ -50,13 +50,7 @@ void micro_kernel(int64_t kp, const uint32_t* ap, int64_t ldp, const uint16_t* b
       for (int u = 0; u < P * NV; ++u) acc[i][u] = _mm512_dpbf16_ps(acc[i][u], x, b[u]);
     }
   }
-  for (int q = 0; q < P; ++q) {
-    V t[R][NV];
-    for (int i = 0; i < R; ++i)
-      for (int v = 0; v < NV; ++v) t[i][v] = acc[i][q * NV + v];
-    const int64_t nq = n0 + q * NR;
-    store_tile<R>(t, c, crow, nq, std::min<int64_t>(NR, N - nq), bias, first, act);
-  }
+  store_panels<R, P>(acc, c, crow, n0, N, bias, first, act);
 }
 
 // The same product one element at a time, A rounded as the fast path rounds it: the definition
@@ -152,14 +146,7 @@ void bf16_dot_pack_b(bf16_t* dst, const bf16_t* b, int64_t ks, int64_t ns, int64
 void bf16_dot_gemm(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t a_cs,
                    const PackedB& b, const float* bias, Activation act, int64_t M) {
   if (M == 0 || b.N == 0) return;
-  switch (a_dt) {
-    case DType::f32:
-      return gemm_pairs(c, static_cast<const float*>(a), a_rs, a_cs, b, bias, act, M);
-    case DType::bf16:
-      return gemm_pairs(c, static_cast<const bf16_t*>(a), a_rs, a_cs, b, bias, act, M);
-    case DType::f16:
-      return gemm_pairs(c, static_cast<const f16_t*>(a), a_rs, a_cs, b, bias, act, M);
-  }
+  with_a_type(a, a_dt, [&](auto ap) { gemm_pairs(c, ap, a_rs, a_cs, b, bias, act, M); });
 }
 
 }  // namespace MHATTN_TARGET

@@ -101,13 +101,7 @@ void micro_kernel(int64_t kc, const float* ap, const BT* bp, int64_t b_step, con
 #pragma GCC unroll 16
     for (int j = 0; j < W; ++j) step(k0 + j, ap + k0 * MR + j);
   for (int64_t j = 0; k0 + j < kc; ++j) step(k0 + j, ap + k0 * MR + j);
-  for (int q = 0; q < P; ++q) {
-    V t[R][NV];
-    for (int i = 0; i < R; ++i)
-      for (int v = 0; v < NV; ++v) t[i][v] = acc[i][q * NV + v];
-    const int64_t nq = n0 + q * NR;
-    store_tile<R>(t, c, crow, nq, std::min<int64_t>(NR, N - nq), bias, first, act);
-  }
+  store_panels<R, P>(acc, c, crow, n0, N, bias, first, act);
 }
 
 
@@ -271,11 +265,7 @@ void gemm(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t a_cs
 #if defined(__AVX512BF16__)
   if (b.layout == Layout::pairs) return bf16_dot_gemm(c, a, a_dt, a_rs, a_cs, b, bias, act, M);
 #endif
-  switch (a_dt) {
-    case DType::f32: return gemm_a(c, static_cast<const float*>(a), a_rs, a_cs, b, bias, act, M);
-    case DType::bf16: return gemm_a(c, static_cast<const bf16_t*>(a), a_rs, a_cs, b, bias, act, M);
-    case DType::f16: return gemm_a(c, static_cast<const f16_t*>(a), a_rs, a_cs, b, bias, act, M);
-  }
+  with_a_type(a, a_dt, [&](auto ap) { gemm_a(c, ap, a_rs, a_cs, b, bias, act, M); });
 }
 
 }  // namespace MHATTN_TARGET

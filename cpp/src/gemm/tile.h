@@ -35,6 +35,17 @@ constexpr int64_t KG = 4 * KC;
 constexpr double kTinyFlops = 2.0 * 16 * 16 * 16;
 constexpr double kParallelFlops = 2.0 * 64 * 64 * 64;
 
+// f(a as const float*, const bf16_t* or const f16_t*, as dt says): how each GEMM path turns an
+// A of any dtype into the instance of its templates for that type.
+template <class F>
+void with_a_type(const void* a, DType dt, F&& f) {
+  switch (dt) {
+    case DType::f32: return f(static_cast<const float*>(a));
+    case DType::bf16: return f(static_cast<const bf16_t*>(a));
+    case DType::f16: return f(static_cast<const f16_t*>(a));
+  }
+}
+
 // Parallel tasks of a product of M rows over N columns: row blocks of equal height mc (a
 // multiple of MR), and the panels of NR columns cut into runs of run_len so that there are at
 // least four tasks per thread and their count divides evenly among the threads. With enough
@@ -102,6 +113,20 @@ void store_tile(const V (&t)[R][NV], const OutMap& c, float* const* crow, int64_
   });
 }
 
+// The end of every micro-kernel: P register tiles of R rows, acc[i][q·NV + v] for panel q of NR
+// columns from n0, each stored by store_tile, columns past N dropped.
+template <int R, int P>
+void store_panels(const V (&acc)[R][P * NV], const OutMap& c, float* const* crow, int64_t n0,
+                  int64_t N, const float* bias, bool first, Activation act) {
+  for (int q = 0; q < P; ++q) {
+    V t[R][NV];
+    for (int i = 0; i < R; ++i)
+      for (int v = 0; v < NV; ++v) t[i][v] = acc[i][q * NV + v];
+    const int64_t nq = n0 + q * NR;
+    store_tile<R>(t, c, crow, nq, std::min<int64_t>(NR, N - nq), bias, first, act);
+  }
+}
+
 // A product of at most MR rows (a decode step) reads each panel of B once, from memory. One
 // sequential stream per core leaves memory bandwidth unused, so such a product walks up to P
 // panels side by side, as many as there are accumulator registers for: R·P·NV of them.
@@ -145,14 +170,7 @@ constexpr int64_t kPairAlign = 1;
 #endif
 inline int64_t pair_rows(int64_t K) { return round_up((K + 1) / 2, kPairAlign); }
 
-// x rounded to bfloat16, to nearest with ties to even; NaN stays a (quiet) NaN.
-inline uint16_t bf16_bits(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
+// A value of A as bfloat16 bits (bf16_bits of a float is simd.h's).
 inline uint16_t bf16_bits(bf16_t x) { return x.bits; }
 inline uint16_t bf16_bits(f16_t x) { return bf16_bits(to_f32(x)); }
 
