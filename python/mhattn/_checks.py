@@ -57,18 +57,7 @@ def as_array(x):
 def as_float(x, name):
     """x as a float32 ndarray; bfloat16, float16 and float64 are converted, other dtypes raise
     TypeError."""
-    a = as_array(x)
-    if a.dtype == _F32:
-        return a
-    if not is_float(a.dtype):
-        raise TypeError(f"{name} must be a floating-point array (float32, bfloat16 or float16; "
-                        f"float64 is converted to float32), got dtype {a.dtype}")
-    code = _CODES.get(a.dtype, 0)
-    if code and a.flags.c_contiguous:  # the kernels widen in one threaded vector pass; NumPy's
-        out = np.empty(a.shape, _F32)  # float16 cast is scalar (0.5 ms for 98 K values here)
-        _core.to_float(out.reshape(-1), a.reshape(-1).view(np.uint16), code)
-        return out
-    return a.astype(_F32)
+    return as_dtype(x, _F32, name)
 
 
 # The kernels' dtype codes (mhattn::DType).
@@ -102,13 +91,21 @@ def compute_dtype(dtype, name="dtype"):
 
 
 def as_dtype(x, dtype, name):
-    """x as an array of float dtype `dtype` (converted when it has another float dtype)."""
+    """x as an array of float dtype `dtype` (converted when it has another float dtype); other
+    dtypes raise TypeError."""
     a = as_array(x)
     if a.dtype is dtype or a.dtype == dtype:
         return a
     if not is_float(a.dtype):
         raise TypeError(f"{name} must be a floating-point array (float32, bfloat16 or float16; "
                         f"float64 is converted to float32), got dtype {a.dtype}")
+    code = _CODES.get(a.dtype, 0)
+    if dtype == _F32 and code and a.flags.c_contiguous:
+        # 16 bits widened by the kernels in one threaded vector pass: NumPy's float16 cast is
+        # scalar (0.5 ms for 98 K values here).
+        out = np.empty(a.shape, _F32)
+        _core.to_float(out.reshape(-1), a.reshape(-1).view(np.uint16), code)
+        return out
     return a.astype(dtype)
 
 
@@ -330,8 +327,6 @@ def check_linear_weight(weight, bias, dtype=None):
     """weight (N, K) in `dtype` (None: its own dtype if float32, bfloat16 or float16, else
     float32) and bias (N,) float32 contiguous, or None."""
     w = as_array(weight)
-    if not is_float(w.dtype):
-        w = as_float(w, "weight")  # raises the TypeError
     w = as_dtype(w, result_dtype(w.dtype) if dtype is None else dtype, "weight")
     b = None if bias is None else np.ascontiguousarray(as_float(bias, "bias"))
     if w.ndim != 2:
