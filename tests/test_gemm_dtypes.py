@@ -31,12 +31,13 @@ SHAPES = [(1, 1, 1), (5, 17, 33), (7, 70, 129), (1, 1000, 300), (6, 257, 300), (
 def test_linear_with_half_weights(isa, threads, rng, dtype, x_half, M, N, K):
     w, b = mat(rng, N, K, dtype=dtype), mat(rng, N)
     x = mat(rng, M, K, scale=K ** -0.5, dtype=dtype if x_half else np.float32)
-    got = mhattn.linear(x, w, b, activation="gelu")
     # It computes in the weight's dtype: x is rounded to it first, and the reference takes the
-    # same rounded x. The result has x's dtype, with the tolerance of the weight's.
+    # same rounded x. The result has x's dtype, with the tolerance of the weight's. The one-shot
+    # call reads the weights as they lie, the layer packs them: both are checked.
     want = ref.linear(x.astype(dtype), w, b, "gelu")
-    assert got.dtype == x.dtype
-    np.testing.assert_allclose(got.astype(np.float64), want, **tol("gemm", dtype))
+    for got in (mhattn.linear(x, w, b, activation="gelu"), mhattn.Linear(w, b, activation="gelu")(x)):
+        assert got.dtype == x.dtype
+        np.testing.assert_allclose(got.astype(np.float64), want, **tol("gemm", dtype))
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=["bf16", "f16"])

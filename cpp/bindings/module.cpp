@@ -166,8 +166,31 @@ PYBIND11_MODULE(_core, m) {
     mhattn::kernels().gemm(map, x, static_cast<mhattn::DType>(a_dtype), a_rs, a_cs, b, bs, act, M);
   }, "out"_a, "a"_a, "b"_a, "bias"_a = py::none(), "activation"_a = 0, "a_dtype"_a = 0);
 
+  // out (M, N) = act(a (M, K) · b (K, N) + bias) with b as it lies, any strides, of dtype code
+  // b_dtype: the one-shot product, which never packs the whole of b (mhattn::gemm_unpacked).
+  m.def("gemm_raw", [](py::array out, const py::array& a, const py::array& b,
+                       const py::object& bias, int activation, int a_dtype, int b_dtype) {
+    float* c = out_f32(out, "out", 2);
+    const void* x = in_typed(a, "a", 2, a_dtype);
+    const void* y = in_typed(b, "b", 2, b_dtype);
+    const float* bs = opt_f32(bias, "bias");
+    const int64_t M = a.shape(0), K = a.shape(1), N = b.shape(1);
+    require(b.shape(0) == K && out.shape(0) == M && out.shape(1) == N && last_contiguous(out) &&
+                (!bs || py::cast<py::array>(bias).shape(0) == N),
+            "gemm_raw shapes");
+    require(activation >= 0 && activation <= static_cast<int>(mhattn::Activation::silu),
+            "gemm activation");
+    const OutMap map = OutMap::row_major(c, M, N, st(out, 0));
+    const int64_t a_rs = st(a, 0), a_cs = st(a, 1), b_ks = st(b, 0), b_ns = st(b, 1);
+    py::gil_scoped_release release;
+    mhattn::gemm_unpacked(map, x, static_cast<mhattn::DType>(a_dtype), a_rs, a_cs, y,
+                          static_cast<mhattn::DType>(b_dtype), b_ks, b_ns, K, N, bs,
+                          static_cast<mhattn::Activation>(activation), M);
+  }, "out"_a, "a"_a, "b"_a, "bias"_a = py::none(), "activation"_a = 0, "a_dtype"_a = 0,
+     "b_dtype"_a = 0);
+
   // out (T, M, N) contiguous = a (T, M, K) · b (T, K, N), any strides (0 where broadcast), of
-  // dtype codes a_dtype and b_dtype (in_typed).
+  // dtype codes a_dtype and b_dtype (in_typed). Each product as gemm_raw's.
   m.def("matmul", [](py::array out, const py::array& a, const py::array& b, int a_dtype,
                      int b_dtype) {
     float* c = out_f32(out, "out", 3);
@@ -183,12 +206,10 @@ PYBIND11_MODULE(_core, m) {
     const auto adt = static_cast<mhattn::DType>(a_dtype), bdt = static_cast<mhattn::DType>(b_dtype);
     const int64_t asz = a.itemsize(), bsz = b.itemsize();
     py::gil_scoped_release release;
-    PackedB packed;
-    for (int64_t t = 0; t < T; ++t) {
-      if (t == 0 || bs0 != 0) packed = mhattn::pack_b(y + t * bs0 * bsz, bdt, bs1, bs2, K, N);
-      mhattn::kernels().gemm(OutMap::row_major(c + t * cs0, M, N, cs1), x + t * as0 * asz, adt,
-                             as1, as2, packed, nullptr, mhattn::Activation::none, M);
-    }
+    for (int64_t t = 0; t < T; ++t)
+      mhattn::gemm_unpacked(OutMap::row_major(c + t * cs0, M, N, cs1), x + t * as0 * asz, adt,
+                            as1, as2, y + t * bs0 * bsz, bdt, bs1, bs2, K, N, nullptr,
+                            mhattn::Activation::none, M);
   }, "out"_a, "a"_a, "b"_a, "a_dtype"_a = 0, "b_dtype"_a = 0);
 
   // dst (n) = src (n) rounded to dtype code dt (1 bfloat16, 2 float16); both contiguous, dst

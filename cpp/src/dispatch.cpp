@@ -142,6 +142,18 @@ PackedB pack_b(const void* b, DType dt, int64_t b_ks, int64_t b_ns, int64_t K, i
   return p;
 }
 
+void gemm_unpacked(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t a_cs,
+                   const void* b, DType b_dt, int64_t b_ks, int64_t b_ns, int64_t K, int64_t N,
+                   const float* bias, Activation act, int64_t M) {
+  const Kernels& k = kernels();
+  constexpr int64_t kPackRows = 16;
+  if (k.b_layout(b_dt) == Layout::pairs && M >= kPackRows) {
+    const PackedB p = pack_b(b, b_dt, b_ks, b_ns, K, N);
+    return k.gemm(c, a, a_dt, a_rs, a_cs, p, bias, act, M);
+  }
+  k.gemm_raw(c, a, a_dt, a_rs, a_cs, b, b_dt, b_ks, b_ns, K, N, bias, act, M);
+}
+
 std::vector<std::string> supported_targets() {
   std::vector<std::string> names;
   for (const Target& t : kTargets)

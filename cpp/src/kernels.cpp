@@ -17,6 +17,9 @@ void pack_b(void* dst, const void* b, DType dt, int64_t b_ks, int64_t b_ns, int6
             int64_t N);
 void gemm(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t a_cs,
           const PackedB& b, const float* bias, Activation act, int64_t M);
+void gemm_raw(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t a_cs,
+              const void* b, DType b_dt, int64_t b_ks, int64_t b_ns, int64_t K, int64_t N,
+              const float* bias, Activation act, int64_t M);
 // convert.cpp
 void to_half(uint16_t* dst, const float* src, int64_t n, DType dt);
 void to_float(float* dst, const uint16_t* src, int64_t n, DType dt);
@@ -28,7 +31,7 @@ void attention(const AttnArgs& args);
 
 const Kernels* kernels() {
   static const Kernels table = {MHATTN_STR(MHATTN_TARGET), panel_width(), b_layout,
-                                packed_size, pack_b, gemm, to_half, to_float, softmax, attention,
+                                packed_size, pack_b, gemm, gemm_raw, to_half, to_float, softmax, attention,
                                 vexp_array};
   return &table;
 }

@@ -82,18 +82,30 @@ def linear(x, weight, bias=None, activation=None):
     It computes in the weight's dtype (float32, bfloat16 or float16), as mhattn.Linear(weight)
     would: x of another dtype is converted to it first, and the output has x's dtype.
 
-    The weight is packed for the GEMM on every call; mhattn.Linear packs it once, which is what
-    a model that calls the same layer again and again wants.
+    The weight is read as it lies, never copied whole: a product of a few rows (a decode step)
+    reads it in place, a bigger one copies it a cache-sized block at a time as the GEMM uses it.
+    mhattn.Linear packs it once, when it is built, which a model that calls the same layer
+    again and again gains from (and bfloat16 weights of a product of 16 rows or more are
+    packed on every call here, for the CPU's bfloat16 instructions).
     """
     w, b = _checks.check_linear_weight(weight, bias)
     code = _checks.activation_code(activation)
-    return apply_linear(x, w.shape, _core.Packed(*_checks.native(w.T)), b, code, w.dtype)
+    wa, wcode = _checks.native(w.T)
+    return _rows_through(x, w.shape, w.dtype, lambda out, xa, xcode:
+                         _core.gemm_raw(out, xa, wa, b, code, xcode, wcode))
 
 
 def apply_linear(x, weight_shape, packed, bias, activation_code=0, compute=_checks._F32):
     """act(x (..., K) @ W.T + bias), W (N, K) = weight_shape packed as `packed` (checked
     weights, activation as _checks.activation_code gives it), x converted to `compute` (the
     weight's dtype) when it has another."""
+    return _rows_through(x, weight_shape, compute, lambda out, xa, xcode:
+                         _core.gemm(out, xa, packed, bias, activation_code, xcode))
+
+
+def _rows_through(x, weight_shape, compute, product):
+    """x (..., K) as rows of `compute`'s dtype, through product(out (rows, N) float32, rows,
+    their dtype code), back in x's shape and dtype."""
     dtype = _checks.result_dtype(_checks.as_array(x).dtype)
     a = _checks.as_dtype(x, compute, "x")
     N, K = weight_shape
@@ -102,7 +114,7 @@ def apply_linear(x, weight_shape, packed, bias, activation_code=0, compute=_chec
     x2 = _checks.rows_2d(a, K)
     out = np.empty((x2.shape[0], N), dtype=np.float32)
     xa, xcode = _checks.native(x2)
-    _core.gemm(out, xa, packed, bias, activation_code, xcode)
+    product(out, xa, xcode)
     return _checks.cast(out, dtype).reshape(a.shape[:-1] + (N,))
 
 

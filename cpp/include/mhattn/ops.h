@@ -122,6 +122,12 @@ struct Kernels {
   // a[m * a_rs + k * a_cs], of dtype a_dt. Accumulation is float32 whatever the dtypes.
   void (*gemm)(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t a_cs,
                const PackedB& b, const float* bias, Activation act, int64_t M);
+  // The same product on a B (K, N) of dtype b_dt that nobody packed, b(k, n) =
+  // b[k * b_ks + n * b_ns]: never a copy of the whole of B, but slivers of it as they are used
+  // (products of at most a few rows read it in place), in float32 arithmetic whatever b_dt.
+  void (*gemm_raw)(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t a_cs,
+                   const void* b, DType b_dt, int64_t b_ks, int64_t b_ns, int64_t K, int64_t N,
+                   const float* bias, Activation act, int64_t M);
   // dst[i] = src[i] rounded to dt (bf16 or f16), to nearest even, i < n.
   void (*to_half)(uint16_t* dst, const float* src, int64_t n, DType dt);
   // dst[i] = src[i] (bf16 or f16) widened to float32, i < n.
@@ -161,6 +167,12 @@ void set_target(const std::string& name);       // throws std::invalid_argument 
 // Allocation lives here rather than in the kernels so that no standard-library code is built
 // with ISA flags.
 PackedB pack_b(const void* b, DType dt, int64_t b_ks, int64_t b_ns, int64_t K, int64_t N);
+// C (M, N) = act(A · B + bias) on a B nobody packed (mhattn.linear and matmul): Kernels::gemm_raw,
+// except bfloat16 products of many rows where the kernels have a bfloat16 layout (vdpbf16ps,
+// AMX): B packed whole for them first, which twice the products per instruction repay.
+void gemm_unpacked(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t a_cs,
+                   const void* b, DType b_dt, int64_t b_ks, int64_t b_ns, int64_t K, int64_t N,
+                   const float* bias, Activation act, int64_t M);
 
 // threads.cpp
 int num_threads();       // for a kernel about to start a parallel region

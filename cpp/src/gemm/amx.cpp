@@ -186,7 +186,7 @@ void gemm_tiles(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const 
 
 void amx_gemm(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t a_cs,
               const PackedB& b, const float* bias, Activation act, int64_t M) {
-  with_a_type(a, a_dt, [&](auto ap) { gemm_tiles(c, ap, a_rs, a_cs, b, bias, act, M); });
+  with_type(a, a_dt, [&](auto ap) { gemm_tiles(c, ap, a_rs, a_cs, b, bias, act, M); });
 }
 
 #undef TILE_ZERO

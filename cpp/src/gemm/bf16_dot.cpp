@@ -146,7 +146,7 @@ void bf16_dot_pack_b(bf16_t* dst, const bf16_t* b, int64_t ks, int64_t ns, int64
 void bf16_dot_gemm(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t a_cs,
                    const PackedB& b, const float* bias, Activation act, int64_t M) {
   if (M == 0 || b.N == 0) return;
-  with_a_type(a, a_dt, [&](auto ap) { gemm_pairs(c, ap, a_rs, a_cs, b, bias, act, M); });
+  with_type(a, a_dt, [&](auto ap) { gemm_pairs(c, ap, a_rs, a_cs, b, bias, act, M); });
 }
 
 }  // namespace MHATTN_TARGET

@@ -20,6 +20,14 @@
 // step over the whole of K, and several panels of B streamed side by side.
 // gemm_simple is the same product as three plain loops: it is the definition a reader checks
 // the fast path against, and it serves K = 0 and products too small to be worth packing A.
+//
+// gemm_raw is the same GEMM on a B that nobody packed (the one-shot mhattn.linear and matmul):
+// it never copies the whole of B. The loop nest is gemm_typed's, and each KC × NR sliver of B
+// is copied (transposed, when B's columns are contiguous, as for x · Wᵀ) into an L1 buffer just
+// before the row slivers use it, as a 16-bit packed B is widened. A product of at most MR rows
+// reads B where it lies: rows of B side by side through the micro-kernel when they are
+// contiguous (gemm_one_sliver), dot products with the rows of W when its columns are
+// (gemm_dot).
 #include <algorithm>
 
 #include "gemm/tile.h"
@@ -28,23 +36,80 @@ namespace mhattn {
 namespace MHATTN_TARGET {
 namespace {
 
-// The panels of a packed B, as elements of its dtype BT (float, bf16_t, f16_t).
+// Where the loops below read B (K, N), of dtype BT (float, bf16_t, f16_t): one of two sources
+// with the same four questions.
+//   at(k, n):                b(k, n) as float32 (gemm_simple's);
+//   sliver(p, k0, kc, buf):  rows k0 .. k0 + kc of panel p (columns p·NR ..), as float32 rows
+//                            NR apart, zero past N: in place, or copied into buf (kc × NR);
+//   kInPlace, panel(p):      whether the panels can be read where they lie (in BT), and where.
+//
+// Panels: a B that pack_b laid out (Layout::panels). A float32 sliver is read in place; a
+// 16-bit one is widened into buf, once, for all the row slivers that share it (L1). Widened in
+// the micro-kernel at every use instead, a compute-bound float16 product ran at 0.56-0.76x the
+// speed of float32 (Zen 4, one run: vcvtph2ps beside the FMAs).
 template <class BT>
-const BT* b_panels(const PackedB& b) {
-  if constexpr (std::is_same_v<BT, float>) return b.data.data();
-  else return reinterpret_cast<const BT*>(b.half.data());
-}
+struct Panels {
+  const BT* p;
+  int64_t K, N;
+  explicit Panels(const PackedB& b)
+      : p(std::is_same_v<BT, float> ? reinterpret_cast<const BT*>(b.data.data())
+                                    : reinterpret_cast<const BT*>(b.half.data())),
+        K(b.K), N(b.N) {}
+  float at(int64_t k, int64_t n) const { return to_f32(p[(n / NR) * K * NR + k * NR + n % NR]); }
+  const float* sliver(int64_t panel, int64_t k0, int64_t kc, float* buf) const {
+    const BT* src = p + panel * K * NR + k0 * NR;
+    if constexpr (std::is_same_v<BT, float>) return src;
+    for (int64_t i = 0; i < kc * NR; i += W) vstore(buf + i, vload_f32(src + i));
+    return buf;
+  }
+  static constexpr bool kInPlace = true;
+  const BT* panel(int64_t q) const { return p + q * K * NR; }
+};
+
+// Strided: B as the caller holds it, b(k, n) = b[k·ks + n·ns]. A sliver is copied into buf:
+// by vectors when B's rows are contiguous (ns = 1: A @ B), by W × W blocks transposed in
+// registers when its columns are (ks = 1: x · Wᵀ, W (N, K) row-major), one value at a time
+// otherwise and at the edges. Copying a sliver of float32 rows costs as much as reading it from
+// memory, and in L1 it escapes the cache-set conflicts that rows of B 2^k bytes apart have.
+template <class BT>
+struct Strided {
+  const BT* b;
+  int64_t ks, ns, K, N;
+  float at(int64_t k, int64_t n) const { return to_f32(b[k * ks + n * ns]); }
+  const float* sliver(int64_t panel, int64_t k0, int64_t kc, float* buf) const {
+    const int64_t n0 = panel * NR, cols = std::min<int64_t>(NR, N - n0);
+    const BT* src = b + k0 * ks + n0 * ns;
+    int64_t kv = 0, jv = 0;  // rows and columns done by vectors
+    if (ns == 1 && cols == NR) {
+      for (int64_t k = 0; k < kc; ++k)
+        for (int v = 0; v < NV; ++v) vstore(buf + k * NR + v * W, vload_f32(src + k * ks + v * W));
+      kv = kc, jv = NR;
+    } else if (ks == 1) {
+      kv = kc / W * W, jv = cols / W * W;
+      for (int64_t j = 0; j < jv; j += W)
+        for (int64_t k = 0; k < kv; k += W) {
+          V r[W];
+          for (int i = 0; i < W; ++i) r[i] = vload_f32(src + (j + i) * ns + k);
+          vtranspose(r);  // r[i]: row k + i, columns j .. j + W
+          for (int i = 0; i < W; ++i) vstore(buf + (k + i) * NR + j, r[i]);
+        }
+    }
+    for (int64_t k = 0; k < kc; ++k)
+      for (int64_t j = k < kv ? jv : 0; j < NR; ++j)
+        buf[k * NR + j] = j < cols ? to_f32(src[k * ks + j * ns]) : 0.0f;
+    return buf;
+  }
+  static constexpr bool kInPlace = false;
+};
 
 // C (M, N) = act(A (M, K) · B (K, N) + bias), one element at a time.
-template <class AT, class BT>
-void gemm_simple(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const PackedB& b,
+template <class AT, class Src>
+void gemm_simple(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const Src& b,
                  const float* bias, Activation act, int64_t M) {
-  const BT* bp = b_panels<BT>(b);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = 0; n < b.N; ++n) {
       float acc = bias ? bias[n] : 0.0f;
-      for (int64_t k = 0; k < b.K; ++k)
-        acc += to_f32(a[m * a_rs + k * a_cs]) * to_f32(bp[(n / NR) * b.K * NR + k * NR + n % NR]);
+      for (int64_t k = 0; k < b.K; ++k) acc += to_f32(a[m * a_rs + k * a_cs]) * b.at(k, n);
       *c.at(m, n) = activate1(act, acc);
     }
 }
@@ -105,12 +170,27 @@ void micro_kernel(int64_t kc, const float* ap, const BT* bp, int64_t b_step, con
 }
 
 
+// C[m, n0 : n0 + cols] = act(vals + bias): the stores of gemm_dot and gemm_axpy. OutMap::col
+// divides, so it is worked out once for each run of columns within one column group.
+inline void store_run(const OutMap& c, int64_t m, int64_t n0, const float* vals, int64_t cols,
+                      const float* bias, Activation act) {
+  float* row = c.row(m);
+  for (int64_t j = 0, len; j < cols; j += len) {
+    len = std::min(cols - j, c.cols_per_group - (n0 + j) % c.cols_per_group);
+    float* dst = row + c.col(n0 + j);
+    for (int64_t u = 0; u < len; ++u)
+      dst[u] = activate1(act, vals[j + u] + (bias ? bias[n0 + j + u] : 0.0f));
+  }
+}
+
 // C (M, N) = act(A · B + bias) for M <= MR, a decode step: B is read once, from memory, and
 // that is all that bounds it. A is packed once, whole K, before the threads start, and each
-// task streams its run of panels from start to end in one KC step, P panels side by side.
-template <class AT, class BT>
-void gemm_one_sliver(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs,
-                     const PackedB& b, const float* bias, Activation act, int64_t M) {
+// task streams its run of panels from start to end in one KC step: P panels side by side for a
+// packed B, one at a time through a K × NR copy for a strided one (gemm_raw sends the common
+// strided ones to gemm_dot and gemm_axpy instead).
+template <class AT, class Src>
+void gemm_one_sliver(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const Src& b,
+                     const float* bias, Activation act, int64_t M) {
   const int64_t N = b.N, K = b.K;
   const int nt = num_threads();
   const int64_t panels = (N + NR - 1) / NR;
@@ -126,10 +206,115 @@ void gemm_one_sliver(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs,
     for (int64_t t = 0; t < runs; ++t)
       walk_panels<stream_panels(R)>(t * run_len, std::min(panels, (t + 1) * run_len),
                                     [&](auto np, int64_t p) {
-        micro_kernel<R, decltype(np)::value>(K, ap, b_panels<BT>(b) + p * K * NR, K * NR, c,
-                                             crow, p * NR, N, bias, true, act);
+        constexpr int P = decltype(np)::value;
+        if constexpr (Src::kInPlace) {
+          micro_kernel<R, P>(K, ap, b.panel(p), K * NR, c, crow, p * NR, N, bias, true, act);
+        } else {
+          float* buf = thread_scratch(1, K * NR);
+          for (int q = 0; q < P; ++q)
+            micro_kernel<R, 1>(K, ap, b.sliver(p + q, 0, K, buf), 0, c, crow, (p + q) * NR, N,
+                               bias, true, act);
+        }
       });
   });
+}
+
+// Rows of W side by side in gemm_dot, J: R · J accumulators, J rows of W and one of A in
+// registers (32 with AVX-512; 16 with AVX2 and the portable path, so fewer there), and up to
+// 8 streams from memory. In one run of 1 × 4096 → 4096 on 2 threads (Zen 4, AVX-512), 8 rows
+// read W at the speed of a plain read (1.9-2.0 ms), 4 and 2 at 2.3-2.7 ms, 16 at 3.0-3.6;
+// a software prefetch 512 floats ahead made every one slower.
+constexpr int dot_cols(int rows) {
+  return std::max(2, std::min(8, (W == 16 ? 24 : 12) / rows));
+}
+
+// C (M, N) = act(A (M, K) · B + bias) for M <= MR and B's columns contiguous: B = Wᵀ with W
+// (N, K) row-major, a decode step's x · Wᵀ on weights nobody packed. C(m, n) is the dot product
+// of row m of A (widened to float32 once, rows K apart in shared scratch) with row n of W, read
+// in place: J rows of W stream side by side, each read once, and A stays in cache.
+template <class AT, class BT>
+void gemm_dot(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const Strided<BT>& b,
+              const float* bias, Activation act, int64_t M) {
+  const int64_t N = b.N, K = b.K, kv = K / W * W;
+  const int nt = num_threads();
+  float* ap = shared_scratch(M * K);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) ap[m * K + k] = to_f32(a[m * a_rs + k * a_cs]);
+  with_rows<MR>(M, [&](auto r) {
+    constexpr int R = decltype(r)::value, J = dot_cols(R);
+    const int64_t groups = (N + J - 1) / J;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && 2.0 * M * N * K > kParallelFlops)
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t n0 = g * J, cols = std::min<int64_t>(J, N - n0);
+      const BT* w[J];
+      for (int j = 0; j < J; ++j) w[j] = b.b + (n0 + std::min<int64_t>(j, cols - 1)) * b.ns;
+      V acc[R][J];
+      for (int i = 0; i < R; ++i)
+        for (int j = 0; j < J; ++j) acc[i][j] = vzero();
+      for (int64_t k = 0; k < kv; k += W) {
+        V wk[J];
+        for (int j = 0; j < J; ++j) wk[j] = vload_f32(w[j] + k);
+        for (int i = 0; i < R; ++i) {
+          const V x = vload(ap + i * K + k);
+          for (int j = 0; j < J; ++j) acc[i][j] = vfma(x, wk[j], acc[i][j]);
+        }
+      }
+      for (int i = 0; i < R; ++i) {
+        float sums[J];
+        for (int64_t j = 0; j < cols; ++j) {
+          sums[j] = vhsum(acc[i][j]);
+          for (int64_t k = kv; k < K; ++k) sums[j] += ap[i * K + k] * to_f32(w[j][k]);
+        }
+        store_run(c, i, n0, sums, cols, bias, act);
+      }
+    }
+  });
+}
+
+// C (M, N) = act(A (M, K) · B + bias) for M <= MR and B's rows contiguous (A @ B with B (K, N)
+// row-major, a decode step's product on a B nobody packed): row k of B, read in place, scaled
+// by a(m, k) and added into row m of an accumulator in scratch, U = 8 rows of B at a time. The
+// columns are cut into blocks of at most 16 KB of accumulators (in L1), at least one block per
+// thread, so that each row of B is read in runs of pages. Walking panels of B down its rows
+// instead, a few hundred bytes of each row at a time, read 1 × 4096 → 4096 at 0.5x NumPy. In
+// one run of that product (Zen 4, 2 threads), 8 rows at a time in runs of 8 KB took 1.9-2.0 ms
+// (a plain read of B: 1.9-2.2), 4 rows 2.2, 2 rows 2.6-2.9, 8 rows in runs of 2 KB 3.5-4.7.
+template <class AT, class BT>
+void gemm_axpy(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const Strided<BT>& b,
+               const float* bias, Activation act, int64_t M) {
+  constexpr int U = 8;
+  const int64_t N = b.N, K = b.K;
+  const int nt = num_threads();
+  const int64_t block = round_up(std::min((4096 / M) / W * W, (N + nt - 1) / nt), W);
+  const int64_t blocks = (N + block - 1) / block;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && 2.0 * M * N * K > kParallelFlops)
+  for (int64_t t = 0; t < blocks; ++t) {
+    const int64_t n0 = t * block, cols = std::min(block, N - n0), cv = cols / W * W;
+    float* acc = thread_scratch(1, M * block);
+    for (int64_t i = 0; i < M * block; ++i) acc[i] = 0.0f;
+    for (int64_t k = 0; k < K; k += U) {
+      const int64_t rows = std::min<int64_t>(U, K - k);
+      const BT* br[U];
+      float x[MR][U];
+      for (int u = 0; u < U; ++u) {
+        br[u] = b.b + (k + std::min<int64_t>(u, rows - 1)) * b.ks + n0;
+        for (int64_t m = 0; m < M; ++m) x[m][u] = u < rows ? to_f32(a[m * a_rs + (k + u) * a_cs]) : 0.0f;
+      }
+      for (int64_t j = 0; j < cv; j += W) {
+        V bu[U];
+        for (int u = 0; u < U; ++u) bu[u] = vload_f32(br[u] + j);
+        for (int64_t m = 0; m < M; ++m) {
+          V s = vload(acc + m * block + j);
+          for (int u = 0; u < U; ++u) s = vfma(vset1(x[m][u]), bu[u], s);
+          vstore(acc + m * block + j, s);
+        }
+      }
+      for (int64_t j = cv; j < cols; ++j)
+        for (int64_t m = 0; m < M; ++m)
+          for (int u = 0; u < rows; ++u) acc[m * block + j] += x[m][u] * to_f32(br[u][j]);
+    }
+    for (int64_t m = 0; m < M; ++m) store_run(c, m, n0, acc + m * block, cols, bias, act);
+  }
 }
 
 // dst = B (K, N) as panels of NR columns, panel p holding b(k, p*NR + j) at
@@ -159,28 +344,15 @@ void pack_panels(T* dst, const T* b, int64_t ks, int64_t ns, int64_t K, int64_t 
   }
 }
 
-// A sliver of B (kc × NR) as float32: B itself, or a 16-bit B widened into buf. A product of
-// many rows widens each sliver once, into L1, for all its row slivers to share; widened in the
-// micro-kernel at every use instead, a compute-bound float16 product ran at 0.56-0.76x the
-// speed of float32 (Zen 4, one run: vcvtph2ps beside the FMAs).
-template <class BT>
-const float* widened(const BT* bp, int64_t kc, float* buf) {
-  if constexpr (std::is_same_v<BT, float>) {
-    return bp;
-  } else {
-    for (int64_t i = 0; i < kc * NR; i += W) vstore(buf + i, vload_f32(bp + i));
-    return buf;
-  }
-}
-
-template <class AT, class BT>
-void gemm_typed(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const PackedB& b,
+// gemm and gemm_raw: C (M, N) = act(A · B + bias), B read from the source b (Panels or Strided).
+template <class AT, class Src>
+void gemm_typed(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const Src& b,
                 const float* bias, Activation act, int64_t M) {
   const int64_t N = b.N, K = b.K;
   if (M == 0 || N == 0) return;
   const double flops = 2.0 * M * N * K;
-  if (K == 0 || flops < kTinyFlops) return gemm_simple<AT, BT>(c, a, a_rs, a_cs, b, bias, act, M);
-  if (M <= MR) return gemm_one_sliver<AT, BT>(c, a, a_rs, a_cs, b, bias, act, M);
+  if (K == 0 || flops < kTinyFlops) return gemm_simple(c, a, a_rs, a_cs, b, bias, act, M);
+  if (M <= MR) return gemm_one_sliver(c, a, a_rs, a_cs, b, bias, act, M);
 
   const int nt = num_threads();
   const Tasks tk = tasks_of(M, N, nt);
@@ -193,7 +365,7 @@ void gemm_typed(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const 
     if (rows <= 0) continue;
     const int64_t p0 = (t % runs) * run_len, p1 = std::min(panels, p0 + run_len);
     float* ap = thread_scratch(0, MC * KG);
-    float* wbuf = std::is_same_v<BT, float> ? nullptr : thread_scratch(1, KC * NR);
+    float* wbuf = thread_scratch(1, KC * NR);
     float* crow[MC];
     for (int64_t i = 0; i < rows; ++i) crow[i] = c.row(m0 + i);
     const int64_t rows_p = round_up(rows, MR);
@@ -206,7 +378,7 @@ void gemm_typed(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const 
         for (int64_t k0 = g0; k0 < g1; k0 += KC) {
           const int64_t kc = std::min(KC, K - k0), kcp = round_up(kc, W);
           const Activation step_act = k0 + kc == K ? act : Activation::none;
-          const float* bp = widened(b_panels<BT>(b) + p * K * NR + k0 * NR, kc, wbuf);
+          const float* bp = b.sliver(p, k0, kc, wbuf);
           const float* apk = ap + (k0 - g0) * rows_p;
           for (int64_t i0 = 0; i0 < rows; i0 += MR)
             with_rows<MR>(std::min<int64_t>(MR, rows - i0), [&](auto r) {
@@ -218,16 +390,7 @@ void gemm_typed(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const 
   }
 }
 
-// A's dtype, then B's: the instance of gemm_typed for them.
-template <class AT>
-void gemm_a(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const PackedB& b,
-            const float* bias, Activation act, int64_t M) {
-  switch (b.dtype) {
-    case DType::f32: return gemm_typed<AT, float>(c, a, a_rs, a_cs, b, bias, act, M);
-    case DType::bf16: return gemm_typed<AT, bf16_t>(c, a, a_rs, a_cs, b, bias, act, M);
-    case DType::f16: return gemm_typed<AT, f16_t>(c, a, a_rs, a_cs, b, bias, act, M);
-  }
-}
+
 
 }  // namespace
 
@@ -265,7 +428,28 @@ void gemm(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t a_cs
 #if defined(__AVX512BF16__)
   if (b.layout == Layout::pairs) return bf16_dot_gemm(c, a, a_dt, a_rs, a_cs, b, bias, act, M);
 #endif
-  with_a_type(a, a_dt, [&](auto ap) { gemm_a(c, ap, a_rs, a_cs, b, bias, act, M); });
+  with_type(a, a_dt, [&](auto ap) {
+    switch (b.dtype) {
+      case DType::f32: return gemm_typed(c, ap, a_rs, a_cs, Panels<float>(b), bias, act, M);
+      case DType::bf16: return gemm_typed(c, ap, a_rs, a_cs, Panels<bf16_t>(b), bias, act, M);
+      case DType::f16: return gemm_typed(c, ap, a_rs, a_cs, Panels<f16_t>(b), bias, act, M);
+    }
+  });
+}
+
+void gemm_raw(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t a_cs,
+              const void* b, DType b_dt, int64_t b_ks, int64_t b_ns, int64_t K, int64_t N,
+              const float* bias, Activation act, int64_t M) {
+  with_type(a, a_dt, [&](auto ap) {
+    with_type(b, b_dt, [&](auto bp) {
+      using BT = std::remove_const_t<std::remove_pointer_t<decltype(bp)>>;
+      const Strided<BT> src{bp, b_ks, b_ns, K, N};
+      const bool few = M > 0 && M <= MR && N > 0 && 2.0 * M * N * K >= kTinyFlops;
+      if (few && b_ns == 1) return gemm_axpy(c, ap, a_rs, a_cs, src, bias, act, M);
+      if (few && b_ks == 1) return gemm_dot(c, ap, a_rs, a_cs, src, bias, act, M);
+      gemm_typed(c, ap, a_rs, a_cs, src, bias, act, M);
+    });
+  });
 }
 
 }  // namespace MHATTN_TARGET

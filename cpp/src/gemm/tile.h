@@ -35,10 +35,10 @@ constexpr int64_t KG = 4 * KC;
 constexpr double kTinyFlops = 2.0 * 16 * 16 * 16;
 constexpr double kParallelFlops = 2.0 * 64 * 64 * 64;
 
-// f(a as const float*, const bf16_t* or const f16_t*, as dt says): how each GEMM path turns an
-// A of any dtype into the instance of its templates for that type.
+// f(p as const float*, const bf16_t* or const f16_t*, as dt says): how each GEMM path turns an
+// A (or an unpacked B) of any dtype into the instance of its templates for that type.
 template <class F>
-void with_a_type(const void* a, DType dt, F&& f) {
+void with_type(const void* a, DType dt, F&& f) {
   switch (dt) {
     case DType::f32: return f(static_cast<const float*>(a));
     case DType::bf16: return f(static_cast<const bf16_t*>(a));
