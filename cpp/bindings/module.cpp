@@ -408,6 +408,13 @@ PYBIND11_MODULE(_core, m) {
     return mhattn::read_memory(in, n);
   }, "x"_a, "Sum of x read with mhattn's threads (the benchmark times it for bandwidth).");
 
+  m.def("_peak_flops", [](int64_t iters, bool bf16) {
+    py::gil_scoped_release release;
+    return mhattn::kernels().peak_flops(iters, bf16);
+  }, "iters"_a, "bf16"_a = false,
+     "Flops of iters rounds of 16 FMA chains a thread (vdpbf16ps with bf16 where the target has "
+     "it): the benchmark times it for the arithmetic peak.");
+
   m.def("_vexp", [](const py::array& x, bool softmax) {
     const float* in = in_f32(x, "x", 1);
     require(x.shape(0) <= 1 || st(x, 0) == 1, "x must be contiguous");

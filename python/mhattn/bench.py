@@ -59,11 +59,15 @@ class Case:
     model: str = ""
     part: str = ""
     dtype: str = "float32"  # of the inputs and weights: float32, bfloat16 or float16
+    # kind "gemm": "Linear" (weights packed once, as a layer holds them), "linear" (the one-shot
+    # mhattn.linear(x, W)) or "matmul" (mhattn.matmul(x, B) with B = W.T row-major). torch and
+    # NumPy run the same product their own way: F.linear / x @ W.T, torch.matmul / x @ B.
 
     @property
     def label(self):
         if self.kind == "gemm":
-            return f"{self.M}x{self.K}->{self.N}" + ("" if self.dtype == "float32" else f" {self.dtype}")
+            return (f"{self.M}x{self.K}->{self.N}" + (f" {self.part}" if self.part else "")
+                    + ("" if self.dtype == "float32" else f" {self.dtype}"))
         gqa = f"/{self.Hkv}" if self.Hkv != self.Hq else ""
         if self.kind == "layer":
             return f"B{self.B} L{self.L} D{self.Hq * self.E} H{self.Hq}"
@@ -101,8 +105,11 @@ class Case:
 
     @property
     def bytes(self):
-        """Bytes a decode step must read: the keys and values (and a layer's weights)."""
+        """Bytes a decode step must read: the keys and values (and a layer's weights), or a
+        GEMM's weights."""
         size = 4 if self.dtype == "float32" else 2
+        if self.kind == "gemm":
+            return float(size * self.K * self.N)
         kv = 2.0 * size * self.B * self.Hkv * self.S * self.E
         if self.kind == "cache":
             D, KV = self.Hq * self.E, self.Hkv * self.E
@@ -149,9 +156,20 @@ def preset(name, args):
         return [Case("decode step of the layer with a KVCache", "cache", 1, 32, 8, 1, 4096, 128),
                 Case("decode step of the layer with a KVCache", "cache", 4, 12, 12, 1, 1024, 64)]
     if name == "gemm":
-        square = [Case("sgemm x @ W.T", "gemm", M=n, N=n, K=n, target="0.95x numpy") for n in (1024, 2048)]
-        layer = [(m, n, 768) for m in (128, 512, 4096) for n in (2304, 768)] + [(1, 4096, 4096)]
-        return square + [Case("sgemm x @ W.T", "gemm", M=m, N=n, K=k, target="1.0x numpy") for m, n, k in layer]
+        # Every shape three ways: a layer's prepacked weights, and the one-shot calls. Against
+        # the faster of torch and NumPy; the big products against the FMA peak measured beside
+        # them, the decode step's one-shot call against the read bandwidth.
+        shapes = [(n, n, n) for n in (1024, 2048)] + [
+            (m, n, 768) for m in (128, 512, 4096) for n in (2304, 768)] + [(1, 4096, 4096)]
+        def target(m, n, k, part):
+            t = "1.05x torch+numpy"
+            if (m, n, k) in ((1024, 1024, 1024), (2048, 2048, 2048), (4096, 2304, 768)):
+                t += "; 0.8 peak"
+            if m == 1 and part != "Linear":
+                t += "; 0.85 bandwidth"
+            return t
+        return [Case("sgemm x @ W.T", "gemm", M=m, N=n, K=k, part=part, target=target(m, n, k, part))
+                for m, n, k in shapes for part in ("Linear", "linear", "matmul")]
     if name in ("gemm-bf16", "gemm-f16"):  # weights and inputs in a 16-bit dtype, torch alike
         dtype = {"gemm-bf16": "bfloat16", "gemm-f16": "float16"}[name]
         shapes = [(n, n, n) for n in (1024, 2048)] + [
@@ -380,6 +398,8 @@ def make_inputs(case, rng):
         if case.dtype != "float32":  # both rounded to the dtype, for every engine
             d = _checks.compute_dtype(case.dtype)
             x, w = x.astype(d), w.astype(d)
+        if case.part == "matmul":
+            return dict(x=x, w=w, b=np.ascontiguousarray(w.T))
         return dict(x=x, w=w)
     if case.kind == "layer":
         D = case.Hq * case.E
@@ -422,13 +442,14 @@ def run_mhattn(case, inp):
         except ImportError as e:
             raise Skip(f"the model packages are not installed ({e.name})") from None
         return lambda: model.encode(inp["sentences"], skip_padding=not case.padded)
-    if case.kind == "gemm" and case.dtype != "float32":
-        lin = mhattn.Linear(inp["w"])  # in the weights' dtype; the output in x's
-        return lambda: lin(inp["x"])
     if case.kind == "gemm":
-        packed = _core.Packed(inp["w"].T)  # a layer packs its weights once, when it is built
-        out = np.empty((case.M, case.N), np.float32)
-        return lambda: (_core.gemm(out, inp["x"], packed, None), out)[1]
+        x, w = inp["x"], inp["w"]
+        if case.part == "linear":
+            return lambda: mhattn.linear(x, w)
+        if case.part == "matmul":
+            return lambda: mhattn.matmul(x, inp["b"])
+        lin = mhattn.Linear(w)  # packed once, in the weights' dtype; the output in x's
+        return lambda: lin(x)
     if case.kind == "layer":
         return lambda: inp["mod"](inp["x"])[0]
     if case.kind == "cache":
@@ -480,8 +501,8 @@ def run_numpy(case, inp):
     if case.kind == "gemm":
         if case.dtype != "float32":
             raise Skip("NumPy has no bfloat16 matmul, and a scalar float16 one")
-        x, wt = inp["x"], inp["w"].T
-        return lambda: x @ wt
+        x, b = inp["x"], inp["b"] if case.part == "matmul" else inp["w"].T
+        return lambda: x @ b
     if case.kind == "layer":
         sd = inp["mod"].state_dict()
         x, H, E = inp["x"], case.Hq, case.E
@@ -552,6 +573,9 @@ def run_torch(case, inp):
         from mhattn import _torch
 
         x, w = (_torch.from_numpy(inp[n]) for n in "xw")  # bfloat16 through a bit view
+        if case.part == "matmul":
+            b = _torch.from_numpy(inp["b"])
+            return lambda: _torch.to_numpy(torch.matmul(x, b), "out")
         return lambda: _torch.to_numpy(F.linear(x, w), "out")
     if case.kind == "layer":
         mod = inp["mod"]
@@ -678,7 +702,28 @@ def read_gbps(arrays=()):
 
 def needs_bandwidth(case):
     """Whether the case's target is judged against the machine's read bandwidth."""
-    return case.target.endswith(("bandwidth", "flat"))
+    return any(t.endswith(("bandwidth", "flat")) for t in case.target.split("; "))
+
+
+_PEAK_ITERS = {}
+
+
+def peak_gflops(bf16=False, seconds=0.01):
+    """GFLOP/s of the active target's FMAs (vdpbf16ps with bf16, where it has them) on mhattn's
+    threads, 16 independent chains each: what the machine computes now, as read_gbps is what
+    it reads."""
+    if bf16 not in _PEAK_ITERS:
+        t0 = time.perf_counter()
+        _core._peak_flops(20_000, bf16)
+        _PEAK_ITERS[bf16] = max(1000, int(20_000 * seconds / max(time.perf_counter() - t0, 1e-6)))
+    t0 = time.perf_counter()
+    flops = _core._peak_flops(_PEAK_ITERS[bf16], bf16)
+    return flops / (time.perf_counter() - t0) / 1e9
+
+
+def shows_peak(case):
+    """Whether the case's GFLOP/s are shown as a share of the arithmetic peak."""
+    return case.kind in ("sdpa", "gemm", "layer")
 
 
 def calibrate(fn, min_sample_s):
@@ -722,7 +767,9 @@ def bench_case(case, engines, repeats, rounds, pause, min_sample_s, rng):
     # bandwidth moves from run to run and from buffer to buffer: 34 GB/s is usual, but some runs
     # read 52-60 GB/s from one buffer and 31-35 from another in the same minute.
     reads = [] if needs_bandwidth(case) and "mhattn" in fns else None
-    arrays = tuple(inp[n] for n in ("k", "v") if n in inp)
+    arrays = tuple(inp[n] for n in (("w",) if case.kind == "gemm" else ("k", "v")) if n in inp)
+    # The arithmetic peak, the same way, for the kernels that compute more than they read.
+    peaks = [] if shows_peak(case) and "mhattn" in fns else None
     # The cost a call with torch tensors adds is judged against the same call with NumPy
     # arrays, timed in the same rounds like one more engine.
     twin = None
@@ -753,6 +800,9 @@ def bench_case(case, engines, repeats, rounds, pause, min_sample_s, rng):
         if reads is not None:
             time.sleep(pause)
             reads += [read_gbps(arrays) for _ in range(per_round)]
+        if peaks is not None:
+            time.sleep(pause)
+            peaks += [peak_gflops(case.dtype == "bfloat16") for _ in range(per_round)]
         if twin is not None:
             time.sleep(pause)
             twin[0]()
@@ -768,10 +818,12 @@ def bench_case(case, engines, repeats, rounds, pause, min_sample_s, rng):
             r["per_second"] = case.B / med
         if case.kind == "hf":
             r["per_second"] = 1 / med
-        if case.kind in ("decode", "cache"):
+        if case.kind in ("decode", "cache") or (case.kind == "gemm" and reads is not None):
             r["gbps"] = case.bytes / med / 1e9
     if reads:
         res["mhattn"]["read_gbps"] = statistics.median(reads)
+    if peaks:
+        res["mhattn"]["peak_gflops"] = statistics.median(peaks)
     if twin is not None:
         res["mhattn"]["twin_median_s"] = statistics.median(twin[1])
     return res
@@ -814,6 +866,11 @@ def one_target(t, case, res, me):
     if t.endswith("bandwidth"):
         frac = me["gbps"] / me["read_gbps"]
         return frac >= float(t.split()[0]), f"{frac:.0%} of {me['read_gbps']:.1f} GB/s read beside it"
+    if t.endswith("peak"):
+        if "peak_gflops" not in me:
+            return None
+        frac = me["gflops"] / me["peak_gflops"]
+        return frac >= float(t.split()[0]), f"{frac:.0%} of {me['peak_gflops']:.0f} GFLOP/s peak beside it"
     if t.endswith("flat"):
         if "flat_ratio" not in me:
             return None
@@ -831,7 +888,7 @@ def one_target(t, case, res, me):
         ratio = me["twin_median_s"] / me["median_s"]
         return ratio >= float(t.split("x")[0]), f"{ratio:.2f}x mhattn float32"
     want, who = t.split("x ")
-    others = ["torch", "onnxruntime"] if who == "best" else [who]
+    others = ["torch", "onnxruntime"] if who == "best" else who.split("+")
     times = [res[o]["median_s"] for o in others if "median_s" in res.get(o, {})]
     if not times:
         return None
@@ -890,15 +947,18 @@ def print_table(results, engines, out=sys.stdout):
             head = f"  {'case':34s}" + "".join(f" | {e + ' ms':>16s}" for e in engines)
             rate = {"decode": "GB/s", "cache": "GB/s", "model": "sent/s", "token": "tokens/s",
                     "hf": "calls/s"}.get(case.kind, "GFLOP/s")
-            head += f" | {'mhattn ' + rate:>14s}" + "".join(f" | {'vs ' + e:>12s}" for e in engines[1:])
+            head += f" | {'mhattn ' + rate:>14s} | {'of peak':>7s}"
+            head += "".join(f" | {'vs ' + e:>12s}" for e in engines[1:])
             print(head + " | target", file=out)
         row = f"  {case.label:34s}" + "".join(f" | {fmt_engine(res[e]):>16s}" for e in engines)
         me = res["mhattn"]
         if "median_s" not in me:  # mhattn itself could not run this case
-            print(row + f" | {'skipped':>14s}" + f" | {'-':>12s}" * (len(engines) - 1), file=out)
+            print(row + f" | {'skipped':>14s} | {'-':>7s}" + f" | {'-':>12s}" * (len(engines) - 1),
+                  file=out)
             continue
-        rate = me.get("gbps", me.get("per_second", me.get("gflops")))
-        row += f" | {rate:14.1f}"
+        rate = me["gflops"] if case.kind == "gemm" else me.get("gbps", me.get("per_second", me.get("gflops")))
+        share = f"{me['gflops'] / me['peak_gflops']:.0%}" if "peak_gflops" in me else "-"
+        row += f" | {rate:14.1f} | {share:>7s}"
         for e in engines[1:]:
             r = res[e]
             row += f" | {r['median_s'] / me['median_s']:11.2f}x" if "median_s" in r else f" | {'-':>12s}"

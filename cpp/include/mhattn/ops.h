@@ -138,6 +138,9 @@ struct Kernels {
   // out[i] = exp(x[i]) with the kernels' vector exp, or the softmax's (vexp_softmax, for
   // x <= 0) when `softmax`; for testing their accuracy.
   void (*vexp)(float* out, const float* x, int64_t n, bool softmax);
+  // iters rounds of 16 independent FMA chains on each of num_threads() threads (vdpbf16ps for
+  // bf16 where the target has it); returns the flops done, for the benchmark to time.
+  double (*peak_flops)(int64_t iters, bool bf16);
 };
 
 namespace generic { const Kernels* kernels(); }

@@ -81,8 +81,12 @@ struct Strided {
     const BT* src = b + k0 * ks + n0 * ns;
     int64_t kv = 0, jv = 0;  // rows and columns done by vectors
     if (ns == 1 && cols == NR) {
-      for (int64_t k = 0; k < kc; ++k)
+      for (int64_t k = 0; k < kc; ++k) {
+        // The same rows of the next panel, which the next call copies: rows ks apart are
+        // apart in memory too, and no hardware prefetcher follows them.
+        for (int v = 0; v < NV; ++v) __builtin_prefetch(src + k * ks + NR + v * W, 0, 2);
         for (int v = 0; v < NV; ++v) vstore(buf + k * NR + v * W, vload_f32(src + k * ks + v * W));
+      }
       kv = kc, jv = NR;
     } else if (ks == 1) {
       kv = kc / W * W, jv = cols / W * W;

@@ -1,0 +1,55 @@
+// peak.cpp: the arithmetic peak of one target, for the benchmark to judge the kernels against.
+//
+// peak_flops(iters, bf16): each of num_threads() threads runs iters rounds of kChains independent
+// accumulator chains, each a vfma (float32: 2 flops a lane) or, with bf16 on a target with
+// AVX512-BF16, a vdpbf16ps (4 flops a float32 lane: two products, two sums). 16 chains keep more
+// instructions in flight than any CPU's FMA latency times its FMA ports (4 × 2 on Intel's
+// two-port cores), so the count, not a dependency, is the limit. Returns the flops done; the
+// caller times the call.
+#include "mhattn/simd.h"
+
+namespace mhattn {
+namespace MHATTN_TARGET {
+
+namespace {
+constexpr int kChains = 16;
+volatile double g_sink;  // where the chains' sum goes, so that the loops are not optimised away
+}  // namespace
+
+double peak_flops(int64_t iters, bool bf16) {
+  const int nt = num_threads();
+  double sink = 0.0;
+#if defined(__AVX512BF16__)
+  const bool dot = bf16;
+#else
+  const bool dot = false;
+  (void)bf16;
+#endif
+#pragma omp parallel num_threads(nt) reduction(+ : sink)
+  {
+    V acc[kChains];
+    for (int c = 0; c < kChains; ++c) acc[c] = vset1(1e-3f * c);
+    const V x = vset1(0.999f), y = vset1(1e-6f);
+    if (!dot) {
+      for (int64_t i = 0; i < iters; ++i)
+#pragma GCC unroll 16
+        for (int c = 0; c < kChains; ++c) acc[c] = vfma(acc[c], x, y);
+    }
+#if defined(__AVX512BF16__)
+    else {
+      const __m512bh p = (__m512bh)_mm512_set1_epi16(0x3F80), q = (__m512bh)_mm512_set1_epi16(0x3380);
+      for (int64_t i = 0; i < iters; ++i)
+#pragma GCC unroll 16
+        for (int c = 0; c < kChains; ++c) acc[c] = _mm512_dpbf16_ps(acc[c], p, q);
+    }
+#endif
+    V s = vzero();
+    for (int c = 0; c < kChains; ++c) s = vadd(s, acc[c]);
+    sink += vhsum(s);
+  }
+  g_sink = sink;
+  return (dot ? 4.0 : 2.0) * W * kChains * static_cast<double>(iters) * nt;
+}
+
+}  // namespace MHATTN_TARGET
+}  // namespace mhattn
