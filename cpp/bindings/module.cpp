@@ -180,6 +180,7 @@ PYBIND11_MODULE(_core, m) {
             "gemm_raw shapes");
     require(activation >= 0 && activation <= static_cast<int>(mhattn::Activation::silu),
             "gemm activation");
+    require(a_dtype == b_dtype, "gemm_raw wants a and b of one dtype");
     const OutMap map = OutMap::row_major(c, M, N, st(out, 0));
     const int64_t a_rs = st(a, 0), a_cs = st(a, 1), b_ks = st(b, 0), b_ns = st(b, 1);
     py::gil_scoped_release release;
@@ -200,6 +201,7 @@ PYBIND11_MODULE(_core, m) {
     require(b.shape(0) == T && b.shape(1) == K && out.shape(0) == T && out.shape(1) == M &&
                 out.shape(2) == N && last_contiguous(out),
             "matmul shapes");
+    require(a_dtype == b_dtype, "matmul wants a and b of one dtype");
     const int64_t as0 = st(a, 0), as1 = st(a, 1), as2 = st(a, 2);
     const int64_t bs0 = st(b, 0), bs1 = st(b, 1), bs2 = st(b, 2);
     const int64_t cs0 = st(out, 0), cs1 = st(out, 1);

@@ -145,6 +145,7 @@ PackedB pack_b(const void* b, DType dt, int64_t b_ks, int64_t b_ns, int64_t K, i
 void gemm_unpacked(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t a_cs,
                    const void* b, DType b_dt, int64_t b_ks, int64_t b_ns, int64_t K, int64_t N,
                    const float* bias, Activation act, int64_t M) {
+  if (a_dt != b_dt) throw std::invalid_argument("gemm_unpacked: A and B must have one dtype");
   const Kernels& k = kernels();
   constexpr int64_t kPackRows = 16;
   if (k.b_layout(b_dt) == Layout::pairs && M >= kPackRows) {

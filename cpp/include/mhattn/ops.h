@@ -122,9 +122,9 @@ struct Kernels {
   // a[m * a_rs + k * a_cs], of dtype a_dt. Accumulation is float32 whatever the dtypes.
   void (*gemm)(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t a_cs,
                const PackedB& b, const float* bias, Activation act, int64_t M);
-  // The same product on a B (K, N) of dtype b_dt that nobody packed, b(k, n) =
-  // b[k * b_ks + n * b_ns]: never a copy of the whole of B, but slivers of it as they are used
-  // (products of at most a few rows read it in place), in float32 arithmetic whatever b_dt.
+  // The same product on a B (K, N) that nobody packed, b(k, n) = b[k * b_ks + n * b_ns], of
+  // A's dtype (b_dt must equal a_dt): never a copy of the whole of B, but slivers of it as they
+  // are used (products of at most a few rows read it in place), in float32 arithmetic.
   void (*gemm_raw)(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t a_cs,
                    const void* b, DType b_dt, int64_t b_ks, int64_t b_ns, int64_t K, int64_t N,
                    const float* bias, Activation act, int64_t M);
@@ -172,7 +172,8 @@ void set_target(const std::string& name);       // throws std::invalid_argument 
 PackedB pack_b(const void* b, DType dt, int64_t b_ks, int64_t b_ns, int64_t K, int64_t N);
 // C (M, N) = act(A · B + bias) on a B nobody packed (mhattn.linear and matmul): Kernels::gemm_raw,
 // except bfloat16 products of many rows where the kernels have a bfloat16 layout (vdpbf16ps,
-// AMX): B packed whole for them first, which twice the products per instruction repay.
+// AMX): B packed whole for them first, which twice the products per instruction repay. A and B
+// must have one dtype (std::invalid_argument otherwise).
 void gemm_unpacked(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t a_cs,
                    const void* b, DType b_dt, int64_t b_ks, int64_t b_ns, int64_t K, int64_t N,
                    const float* bias, Activation act, int64_t M);

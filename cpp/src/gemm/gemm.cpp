@@ -25,9 +25,9 @@
 // it never copies the whole of B. The loop nest is gemm_typed's, and each KC × NR sliver of B
 // is copied (transposed, when B's columns are contiguous, as for x · Wᵀ) into an L1 buffer just
 // before the row slivers use it, as a 16-bit packed B is widened. A product of at most MR rows
-// reads B where it lies: rows of B side by side through the micro-kernel when they are
-// contiguous (gemm_one_sliver), dot products with the rows of W when its columns are
-// (gemm_dot).
+// reads B where it lies: each row of B scaled into the rows of C when B's rows are contiguous
+// (gemm_axpy), dot products with the rows of W when its columns are (gemm_dot); any other
+// strides go through gemm_one_sliver, a K × NR copy of one panel at a time.
 #include <algorithm>
 
 #include "gemm/tile.h"
@@ -37,7 +37,7 @@ namespace MHATTN_TARGET {
 namespace {
 
 // Where the loops below read B (K, N), of dtype BT (float, bf16_t, f16_t): one of two sources
-// with the same four questions.
+// with the same three answers.
 //   at(k, n):                b(k, n) as float32 (gemm_simple's);
 //   sliver(p, k0, kc, buf):  rows k0 .. k0 + kc of panel p (columns p·NR ..), as float32 rows
 //                            NR apart, zero past N: in place, or copied into buf (kc × NR);
@@ -55,6 +55,7 @@ struct Panels {
       : p(std::is_same_v<BT, float> ? reinterpret_cast<const BT*>(b.data.data())
                                     : reinterpret_cast<const BT*>(b.half.data())),
         K(b.K), N(b.N) {}
+  Panels(const BT* panels, int64_t k, int64_t n) : p(panels), K(k), N(n) {}
   float at(int64_t k, int64_t n) const { return to_f32(p[(n / NR) * K * NR + k * NR + n % NR]); }
   const float* sliver(int64_t panel, int64_t k0, int64_t kc, float* buf) const {
     const BT* src = p + panel * K * NR + k0 * NR;
@@ -69,8 +70,8 @@ struct Panels {
 // Strided: B as the caller holds it, b(k, n) = b[k·ks + n·ns]. A sliver is copied into buf:
 // by vectors when B's rows are contiguous (ns = 1: A @ B), by W × W blocks transposed in
 // registers when its columns are (ks = 1: x · Wᵀ, W (N, K) row-major), one value at a time
-// otherwise and at the edges. Copying a sliver of float32 rows costs as much as reading it from
-// memory, and in L1 it escapes the cache-set conflicts that rows of B 2^k bytes apart have.
+// otherwise and at the edges. The copy is contiguous in L1, clear of the cache-set conflicts
+// that rows of B 2^k bytes apart would have there.
 template <class BT>
 struct Strided {
   const BT* b;
@@ -396,6 +397,37 @@ void gemm_typed(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const 
 
 
 
+// gemm_raw for a product of many row blocks, which in gemm_typed would each copy the same
+// slivers of B again (M = 4096: 30 times). In one A/B of three alternating runs (2 threads,
+// Zen 4), this took the one-shot calls from 3-14% slower than the packed layer to 0-7% on
+// 2048³ and 4096 × 768 → 2304. The columns of B in blocks of at most kRawBlock
+// floats (4 MB, in L3) and of at least the threads' share of the panels, each block copied once
+// into float32 panels (Strided::sliver over the whole of K, the threads sharing the panels),
+// then multiplied as a packed B. The block lives in the calling thread's shared_scratch, which
+// gemm_typed leaves alone for products of more than MR rows. C must be one column group (a
+// plain row-major C, as gemm_unpacked's callers have).
+constexpr int64_t kRawBlock = int64_t{1} << 20;
+template <class AT, class BT>
+void gemm_raw_blocks(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs,
+                     const Strided<BT>& b, const float* bias, Activation act, int64_t M) {
+  const int64_t K = b.K, N = b.N;
+  const int nt = num_threads();
+  const int64_t panels = (N + NR - 1) / NR;
+  const int64_t per_block = std::max<int64_t>(std::min<int64_t>(kRawBlock / (K * NR), panels),
+                                              std::min<int64_t>(4 * nt, panels));
+  float* block = shared_scratch(per_block * K * NR);
+  for (int64_t p0 = 0; p0 < panels; p0 += per_block) {
+    const int64_t p1 = std::min(panels, p0 + per_block), n0 = p0 * NR;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t p = p0; p < p1; ++p) b.sliver(p, 0, K, block + (p - p0) * K * NR);
+    OutMap part = c;  // columns n0 .. of C, one column group
+    part.data = c.data + n0;
+    part.cols_per_group = std::min(N, p1 * NR) - n0;
+    gemm_typed(part, a, a_rs, a_cs, Panels<float>(block, K, part.cols_per_group),
+               bias ? bias + n0 : nullptr, act, M);
+  }
+}
+
 }  // namespace
 
 int panel_width() { return NR; }
@@ -444,15 +476,19 @@ void gemm(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t a_cs
 void gemm_raw(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t a_cs,
               const void* b, DType b_dt, int64_t b_ks, int64_t b_ns, int64_t K, int64_t N,
               const float* bias, Activation act, int64_t M) {
-  with_type(a, a_dt, [&](auto ap) {
-    with_type(b, b_dt, [&](auto bp) {
-      using BT = std::remove_const_t<std::remove_pointer_t<decltype(bp)>>;
-      const Strided<BT> src{bp, b_ks, b_ns, K, N};
-      const bool few = M > 0 && M <= MR && N > 0 && 2.0 * M * N * K >= kTinyFlops;
-      if (few && b_ns == 1) return gemm_axpy(c, ap, a_rs, a_cs, src, bias, act, M);
-      if (few && b_ks == 1) return gemm_dot(c, ap, a_rs, a_cs, src, bias, act, M);
-      gemm_typed(c, ap, a_rs, a_cs, src, bias, act, M);
-    });
+  // A and B of one dtype (gemm_unpacked checks; linear and matmul convert both to it): a third
+  // of the instances of the templates below that any pair of dtypes would take.
+  (void)a_dt;
+  with_type(b, b_dt, [&](auto bp) {
+    using BT = std::remove_const_t<std::remove_pointer_t<decltype(bp)>>;
+    const BT* ap = static_cast<const BT*>(a);
+    const Strided<BT> src{bp, b_ks, b_ns, K, N};
+    const bool few = M > 0 && M <= MR && N > 0 && 2.0 * M * N * K >= kTinyFlops;
+    if (few && b_ns == 1) return gemm_axpy(c, ap, a_rs, a_cs, src, bias, act, M);
+    if (few && b_ks == 1) return gemm_dot(c, ap, a_rs, a_cs, src, bias, act, M);
+    if (M >= 2 * MC && K > 0 && c.cols_per_group >= N)
+      return gemm_raw_blocks(c, ap, a_rs, a_cs, src, bias, act, M);
+    gemm_typed(c, ap, a_rs, a_cs, src, bias, act, M);
   });
 }
 
