@@ -8,6 +8,8 @@ written to.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import _checks, _core, functional
@@ -160,8 +162,8 @@ class MultiHeadAttention:
     the way in, and the output has the input's dtype.
 
     Calling it: mha(query, key=None, value=None, *, key_padding_mask=None, attn_mask=None,
-    need_weights=False, average_attn_weights=True, is_causal=False, kv_cache=None)
-    -> (output, weights or None).
+    need_weights=False, average_attn_weights=True, is_causal=False, kv_cache=None,
+    head_mask=None) -> (output, weights or None).
       query (B, L, embed_dim) [(L, B, embed_dim) if not batch_first; (L, embed_dim) unbatched]
       key (B, S, kdim), value (B, S, vdim): default to query (self-attention); another
       sequence makes it cross-attention (an encoder-decoder's decoder attending to the encoder).
@@ -171,6 +173,15 @@ class MultiHeadAttention:
     (B * num_heads, L, S). is_causal masks later keys (top-left). With kv_cache (a KVCache),
     query holds the new tokens only and attention is causal, aligned bottom-right.
     A query that can see no key attends to nothing: its output is the out-projection's bias.
+    head_mask (num_heads,) or (B, num_heads): multipliers on each head's output before the
+    out-projection, as transformers 4's head_mask (the returned weights of a head are multiplied
+    too). A head whose multiplier is 0 costs nothing: the call runs the layer with those heads
+    pruned (see prune_heads), a pruned copy kept for each of the last few masks. Not with
+    kv_cache (a decoding loop prunes the layer instead).
+
+    prune_heads(heads) removes heads for good. After it, num_heads (and num_kv_heads) count
+    what is left, head_dim is unchanged, and the projections to and from the heads are
+    num_heads · head_dim wide rather than embed_dim.
     """
 
     def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None,
@@ -223,21 +234,23 @@ class MultiHeadAttention:
         extra = "" if self.num_kv_heads == self.num_heads else f", num_kv_heads={self.num_kv_heads}"
         if not self._qkv_same_dim:
             extra += f", kdim={self.kdim}, vdim={self.vdim}"
+        if self.num_heads * self.head_dim != self.embed_dim:
+            extra += f", head_dim={self.head_dim} (pruned)"
         return (f"MultiHeadAttention(embed_dim={self.embed_dim}, num_heads={self.num_heads}"
                 f"{extra}, bias={self.bias}, batch_first={self.batch_first})")
 
     # ---- weights ---------------------------------------------------------------------------
 
     def _expected_shapes(self):
-        D, KV = self.embed_dim, self.num_kv_heads * self.head_dim
-        shapes = {"out_proj.weight": (D, D)}
+        D, Q, KV = self.embed_dim, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        shapes = {"out_proj.weight": (D, Q)}
         if self._qkv_same_dim:
-            shapes["in_proj_weight"] = (D + 2 * KV, D)
+            shapes["in_proj_weight"] = (Q + 2 * KV, D)
         else:
-            shapes.update(q_proj_weight=(D, D), k_proj_weight=(KV, self.kdim),
+            shapes.update(q_proj_weight=(Q, D), k_proj_weight=(KV, self.kdim),
                           v_proj_weight=(KV, self.vdim))
         if self.bias:
-            shapes.update({"in_proj_bias": (D + 2 * KV,), "out_proj.bias": (D,)})
+            shapes.update({"in_proj_bias": (Q + 2 * KV,), "out_proj.bias": (D,)})
         return shapes
 
     def state_dict(self):
@@ -265,19 +278,95 @@ class MultiHeadAttention:
         self._state = state
         self._split_and_pack()
 
-    def _split_and_pack(self):
-        D, KV = self.embed_dim, self.num_kv_heads * self.head_dim
-        s = self._state
+    def _split(self, state):
+        """(wq, wk, wv, bq, bk, bv) of a state dict of this layer's shapes (biases None without)."""
+        Q, KV = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if self._qkv_same_dim:
-            w = s["in_proj_weight"]
-            wq, wk, wv = w[:D], w[D:D + KV], w[D + KV:]
+            w = state["in_proj_weight"]
+            wq, wk, wv = w[:Q], w[Q:Q + KV], w[Q + KV:]
         else:
-            wq, wk, wv = s["q_proj_weight"], s["k_proj_weight"], s["v_proj_weight"]
-        b = s.get("in_proj_bias")
-        b32 = None if b is None else b.astype(np.float32)  # the GEMM adds float32 biases
-        self._biases = (None, None, None, None) if b is None else (
-            b32[:D], b32[D:D + KV], b32[D + KV:], s["out_proj.bias"].astype(np.float32))
+            wq, wk, wv = state["q_proj_weight"], state["k_proj_weight"], state["v_proj_weight"]
+        b = state.get("in_proj_bias")
+        bq, bk, bv = (None, None, None) if b is None else (b[:Q], b[Q:Q + KV], b[Q + KV:])
+        return wq, wk, wv, bq, bk, bv
+
+    def _split_and_pack(self):
+        s = self._state
+        wq, wk, wv, bq, bk, bv = self._split(s)
+        f32 = lambda b: b.astype(np.float32)  # the GEMM adds float32 biases
+        self._biases = (None, None, None, None) if bq is None else (
+            f32(bq), f32(bk), f32(bv), f32(s["out_proj.bias"]))
         self._packed = _PackedWeights(wq, wk, wv, s["out_proj.weight"])
+        self._masked_layers = {}  # head_mask's pruned copies, of these weights
+
+    # ---- heads -----------------------------------------------------------------------------
+
+    def prune_heads(self, heads):
+        """Remove the query heads `heads` (indices among the current ones) for good, as
+        transformers 4's prune_heads did: their rows of the Q projection, their columns of the
+        out-projection, and a kv head's rows of K and V once all its query heads are gone. The
+        layer then computes what it computed with those heads' head_mask at 0, and state_dict()
+        is the pruned layer's. Grouped-query heads left in groups of unequal sizes get their kv
+        heads repeated until every group has the gcd of the sizes (the kernels want equal
+        groups). Returns self."""
+        H = self.num_heads
+        drop = set()
+        for h in np.asarray(heads, dtype=object).reshape(-1).tolist():
+            if isinstance(h, (bool, np.bool_)) or not isinstance(h, (int, np.integer)) or not 0 <= h < H:
+                raise ValueError(f"prune_heads: heads must be ints in [0, {H}); got {heads!r}")
+            drop.add(int(h))
+        if len(drop) == H:
+            raise ValueError(f"prune_heads: cannot remove all {H} heads")
+        keep = [h for h in range(H) if h not in drop]
+        if drop:
+            state, self.num_heads, self.num_kv_heads = self._pruned_state(keep)
+            self._state = state
+            self._split_and_pack()
+        return self
+
+    def _pruned_state(self, keep):
+        """(state dict, num_heads, num_kv_heads) of this layer keeping query heads `keep`."""
+        E, G = self.head_dim, self.num_heads // self.num_kv_heads
+        groups = [[h for h in keep if h // G == j] for j in range(self.num_kv_heads)]
+        g = math.gcd(*(len(m) for m in groups if m))
+        kv = [j for j, m in enumerate(groups) for _ in range(len(m) // g)]
+        rows = lambda hs: np.concatenate([np.arange(h * E, (h + 1) * E) for h in hs])
+        q_rows, kv_rows = rows(keep), rows(kv)
+        wq, wk, wv, bq, bk, bv = self._split(self._state)
+        s = {"out_proj.weight": self._state["out_proj.weight"][:, q_rows]}
+        if self._qkv_same_dim:
+            s["in_proj_weight"] = np.concatenate([wq[q_rows], wk[kv_rows], wv[kv_rows]])
+        else:
+            s.update(q_proj_weight=wq[q_rows], k_proj_weight=wk[kv_rows], v_proj_weight=wv[kv_rows])
+        if bq is not None:
+            s["in_proj_bias"] = np.concatenate([bq[q_rows], bk[kv_rows], bv[kv_rows]])
+            s["out_proj.bias"] = self._state["out_proj.bias"]
+        for w in s.values():
+            w.flags.writeable = False
+        return s, len(keep), len(kv)
+
+    def _masked_layer(self, m):
+        """The layer with the heads where m (float32, (num_heads,)) is 0 pruned and the others'
+        outputs scaled by m (their out-projection columns), or None when every head is 0; the
+        last few are kept."""
+        key = m.tobytes()
+        if key not in self._masked_layers:
+            keep = np.flatnonzero(m).tolist()
+            sub = None
+            if keep:
+                sub = object.__new__(type(self))
+                sub.__dict__.update(self.__dict__)
+                state, sub.num_heads, sub.num_kv_heads = self._pruned_state(keep)
+                scale = np.repeat(m[keep], self.head_dim)
+                wo = (state["out_proj.weight"].astype(np.float32) * scale).astype(self.dtype)
+                wo.flags.writeable = False
+                sub._state = {**state, "out_proj.weight": wo}
+                sub._split_and_pack()
+            if len(self._masked_layers) >= 4:
+                self._masked_layers.pop(next(iter(self._masked_layers)))
+            self._masked_layers[key] = sub
+        return self._masked_layers[key]
+
 
     def __getattr__(self, name):
         # in_proj_weight, q_proj_weight, ..., out_proj_weight / out_proj_bias: read-only arrays
@@ -304,7 +393,11 @@ class MultiHeadAttention:
 
     @accepts_tensors
     def __call__(self, query, key=None, value=None, *, key_padding_mask=None, attn_mask=None,
-                 need_weights=False, average_attn_weights=True, is_causal=False, kv_cache=None):
+                 need_weights=False, average_attn_weights=True, is_causal=False, kv_cache=None,
+                 head_mask=None):
+        if head_mask is not None:
+            return self._call_masked(head_mask, query, key, value, key_padding_mask, attn_mask,
+                                     need_weights, average_attn_weights, is_causal, kv_cache)
         c = _checks.check_mha(self, query, key, value, key_padding_mask, attn_mask, kv_cache)
         B, L, Hq, Hkv, E = c.B, c.L, self.num_heads, self.num_kv_heads, self.head_dim
         if kv_cache is not None:
@@ -317,7 +410,7 @@ class MultiHeadAttention:
         masks = _checks.mha_masks(c, Hq, S)
 
         out = np.empty((B * L, self.embed_dim), dtype=np.float32)
-        concat = np.empty((B * L, self.embed_dim), dtype=np.float32)
+        concat = np.empty((B * L, Hq * E), dtype=np.float32)
         qbuf = np.empty((B, Hq, L, E), dtype=np.float32)
         weights = np.zeros((B, Hq, L, S), dtype=np.float32) if need_weights else None
         avg = np.empty((B, L, S), np.float32) if need_weights and average_attn_weights else None
@@ -340,3 +433,62 @@ class MultiHeadAttention:
             if c.unbatched:
                 weights = weights[0]
         return _checks.cast(out, c.dtype), weights
+
+    def _call_masked(self, head_mask, query, key, value, key_padding_mask, attn_mask,
+                     need_weights, average_attn_weights, is_causal, kv_cache):
+        """__call__ with head_mask: each group of batch rows that share a mask runs on the layer
+        with that mask's zero heads pruned (_masked_layer)."""
+        H = self.num_heads
+        if kv_cache is not None:
+            raise NotImplementedError("head_mask with kv_cache: the cache needs every head's keys "
+                                      "and values; prune the layer (prune_heads) instead")
+        m = _checks.as_float(head_mask, "head_mask")
+        c = _checks.check_mha(self, query, key, value, key_padding_mask, attn_mask, None)
+        if m.shape not in ((H,), (c.B, H)) or (c.unbatched and m.ndim != 1):
+            raise ValueError(f"head_mask must be ({H},) or (batch, {H}) = ({c.B}, {H}); got {m.shape}")
+        if not np.all(np.isfinite(m)):
+            raise ValueError("head_mask must be finite")
+        rows = np.broadcast_to(m, (c.B, H))
+        S = c.S_new
+        axis = 0 if c.unbatched or self.batch_first else 1  # of the batch in query, key, value
+        out = weights = None
+        for mask_row in np.unique(rows, axis=0):
+            sel = np.flatnonzero(np.all(rows == mask_row, axis=1))
+            take = (lambda x: x) if len(sel) == c.B else (
+                lambda x: None if x is None else np.take(np.asarray(x), sel, axis=axis))
+            q, k, v = take(query), take(key), take(value)
+            kpm = None if key_padding_mask is None else (
+                key_padding_mask if len(sel) == c.B else np.asarray(key_padding_mask)[sel])
+            am = attn_mask
+            keep = np.flatnonzero(mask_row)
+            if am is not None and np.ndim(am) == 3:  # (B·H, L, S): this group's rows, kept heads
+                am = np.asarray(am).reshape(c.B, H, c.L, S)[sel][:, keep].reshape(-1, c.L, S)
+            sub = self._masked_layer(np.ascontiguousarray(mask_row, np.float32))
+            if sub is None:  # every head masked: the out-projection's bias alone
+                shape = np.shape(q)[:-1] + (self.embed_dim,)
+                o = np.zeros(shape, np.float32)
+                if self.bias:
+                    o += self._biases[3]
+                o, w = _checks.cast(o, c.dtype), None
+            else:
+                o, w = sub(q, k, v, key_padding_mask=kpm, attn_mask=am, need_weights=need_weights,
+                           average_attn_weights=False, is_causal=is_causal)
+            if out is None:
+                out = np.empty(np.shape(query)[:-1] + (self.embed_dim,), o.dtype)
+            if len(sel) == c.B:
+                out[...] = o
+            else:
+                idx = [slice(None)] * out.ndim
+                idx[axis] = sel
+                out[tuple(idx)] = o
+            if need_weights:  # (B, H, L, S) of every head, masked ones scaled (0 if pruned)
+                if weights is None:
+                    weights = np.zeros((c.B, H, c.L, S), np.float32)
+                if w is not None:
+                    w32 = np.asarray(w, np.float32).reshape(len(sel), len(keep), c.L, S)
+                    weights[sel[:, None], keep[None, :]] = w32 * mask_row[keep][:, None, None]
+        if need_weights:
+            if average_attn_weights:
+                weights = weights.mean(axis=1)
+            weights = _checks.cast(weights[0] if c.unbatched else weights, c.dtype)
+        return out, weights

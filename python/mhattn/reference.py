@@ -129,7 +129,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, is_causal=Fa
 
 def multi_head_attention(query, key, value, state, num_heads, num_kv_heads=None, *,
                          key_padding_mask=None, attn_mask=None, need_weights=False,
-                         average_attn_weights=True, is_causal=False, batch_first=True):
+                         average_attn_weights=True, is_causal=False, batch_first=True,
+                         head_mask=None):
     """The forward of torch.nn.MultiheadAttention (and of mhattn.MultiHeadAttention).
 
     query (B, L, D) or unbatched (L, D); key (B, S, kdim), value (B, S, vdim); with
@@ -137,8 +138,10 @@ def multi_head_attention(query, key, value, state, num_heads, num_kv_heads=None,
     PyTorch's names (MultiHeadAttention.state_dict()). Masks follow nn.MultiheadAttention:
     a bool mask is True where a key is ignored, a float mask is added to the scores;
     key_padding_mask is (B, S), attn_mask (L, S) or (B * num_heads, L, S). is_causal applies a
-    top-left causal mask (in addition to attn_mask). Returns (output, weights or None), weights
-    (B, Hq, L, S), or (B, L, S) averaged over heads.
+    top-left causal mask (in addition to attn_mask). head_mask (Hq,) or (B, Hq) multiplies each
+    head's attention weights, and so its output (transformers 4's head_mask). The heads are
+    num_heads × E wide, E from the weights' shapes (embed_dim / num_heads unless pruned).
+    Returns (output, weights or None), weights (B, Hq, L, S), or (B, L, S) averaged over heads.
     """
     Hq = num_heads
     Hkv = num_kv_heads or num_heads
@@ -150,16 +153,20 @@ def multi_head_attention(query, key, value, state, num_heads, num_kv_heads=None,
         q, k, v = (np.swapaxes(t, 0, 1) for t in (q, k, v))
     B, L, D = q.shape
     S = k.shape[1]
-    E = D // Hq
+    if "in_proj_weight" in state:
+        E = np.shape(state["in_proj_weight"])[0] // (Hq + 2 * Hkv)
+    else:
+        E = np.shape(state["q_proj_weight"])[0] // Hq
+    Q = Hq * E
 
     if "in_proj_weight" in state:
-        wq, wk, wv = np.split(np.asarray(state["in_proj_weight"], np.float64), [D, D + Hkv * E])
+        wq, wk, wv = np.split(np.asarray(state["in_proj_weight"], np.float64), [Q, Q + Hkv * E])
     else:
         wq, wk, wv = (np.asarray(state[n], np.float64)
                       for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight"))
     bq = bk = bv = bo = None
     if "in_proj_bias" in state:
-        bq, bk, bv = np.split(np.asarray(state["in_proj_bias"], np.float64), [D, D + Hkv * E])
+        bq, bk, bv = np.split(np.asarray(state["in_proj_bias"], np.float64), [Q, Q + Hkv * E])
         bo = state["out_proj.bias"]
 
     def heads(x, w, b, H):  # (B, n, dim) -> (B, H, n, E)
@@ -182,7 +189,10 @@ def multi_head_attention(query, key, value, state, num_heads, num_kv_heads=None,
         else:
             scores = scores + mask
     weights = softmax(np.where(visible, scores, -np.inf))
-    heads_out = (weights @ vh).transpose(0, 2, 1, 3).reshape(B, L, D)
+    if head_mask is not None:
+        hm = np.asarray(head_mask, np.float64)
+        weights = weights * hm.reshape(-1 if hm.ndim == 2 else 1, Hq, 1, 1)
+    heads_out = (weights @ vh).transpose(0, 2, 1, 3).reshape(B, L, Q)
     out = linear(heads_out, state["out_proj.weight"], bo)
 
     if need_weights and average_attn_weights:

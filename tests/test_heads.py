@@ -1,0 +1,117 @@
+"""Heads one can mask and remove: MultiHeadAttention's head_mask and prune_heads against the
+float64 reference, with grouped-query heads, masks, weights, bfloat16 and torch tensors."""
+
+import numpy as np
+import pytest
+
+import mhattn
+from mhattn import reference as ref
+from tolerances import BF16, assert_close, tol
+
+
+def layer(rng, H, Hkv=None, D=None, dtype=None, **kw):
+    D = D or 8 * H + 0
+    mod = mhattn.MultiHeadAttention(D, H, num_kv_heads=Hkv, dtype=dtype, **kw)
+    # Random biases too (the layer starts them at zero), so a pruned row of a bias shows.
+    mod.load_state_dict({n: rng.standard_normal(w.shape).astype(np.float32) * 0.3
+                         for n, w in mod.state_dict().items()})
+    return mod
+
+
+def ref_mha(mod, x, **kw):
+    return ref.multi_head_attention(x, x, x, mod.state_dict(), mod.num_heads, mod.num_kv_heads,
+                                    batch_first=mod.batch_first, **kw)
+
+
+@pytest.mark.parametrize("H,Hkv,drop", [(6, None, [1, 4]), (8, 2, [0, 1, 2, 3]), (8, 2, [5]),
+                                         (8, 4, [0, 3, 6]), (4, 1, [0, 1, 2])])
+def test_prune_heads_equals_the_masked_layer(isa, rng, H, Hkv, drop):
+    # (8, 2, [5]) leaves groups of 4 and 3: the kv heads are repeated into groups of 1.
+    mod = layer(rng, H, Hkv, D=8 * H)
+    x = rng.standard_normal((2, 11, 8 * H)).astype(np.float32)
+    m = np.ones(H, np.float32)
+    m[drop] = 0
+    want, _ = ref_mha(mod, x, head_mask=m)
+    assert_close(mod(x, head_mask=m)[0], want, "mha")
+    mod.prune_heads(drop)
+    assert mod.num_heads == H - len(drop)
+    assert_close(mod(x)[0], want, "mha")
+    sd = mod.state_dict()
+    assert sd["out_proj.weight"].shape == (8 * H, 8 * mod.num_heads)
+    assert_close(mod(x)[0], ref_mha(mod, x)[0], "mha")  # the reference on the pruned weights
+
+
+def test_prune_heads_drops_a_kv_head_with_its_last_query_head(rng):
+    mod = layer(rng, 8, 2, D=64)
+    mod.prune_heads([4, 5, 6, 7])
+    assert (mod.num_heads, mod.num_kv_heads) == (4, 1)
+    assert mod.state_dict()["in_proj_weight"].shape == (4 * 8 + 2 * 8, 64)
+    assert "pruned" in repr(mod)
+
+
+@pytest.mark.parametrize("shape", ["heads", "batch"])
+def test_head_mask_scales_each_heads_output_and_weights(isa, rng, shape):
+    mod = layer(rng, 4, D=32)
+    x = rng.standard_normal((3, 9, 32)).astype(np.float32)
+    m = np.array([1.0, 0.0, 0.5, 2.0], np.float32)
+    if shape == "batch":  # a mask per sequence, two of them equal
+        m = np.array([[1.0, 0.0, 0.5, 2.0], [0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.5, 2.0]], np.float32)
+    kpm = np.zeros((3, 9), bool)
+    kpm[1, 6:] = True
+    out, w = mod(x, head_mask=m, key_padding_mask=kpm, need_weights=True,
+                 average_attn_weights=False)
+    want, want_w = ref_mha(mod, x, head_mask=m, key_padding_mask=kpm, need_weights=True,
+                           average_attn_weights=False)
+    assert_close(out, want, "mha")
+    assert_close(w, want_w, "mha")
+    if shape == "batch":  # every head masked: the out-projection's bias alone
+        np.testing.assert_allclose(out[1], np.broadcast_to(mod.state_dict()["out_proj.bias"], (9, 32)))
+    avg = mod(x, head_mask=m, key_padding_mask=kpm, need_weights=True)[1]
+    assert_close(avg, want_w.mean(axis=1), "mha")
+
+
+def test_head_mask_with_per_head_masks_causal_and_seq_major(rng):
+    mod = layer(rng, 4, D=32, batch_first=False)
+    x = rng.standard_normal((7, 2, 32)).astype(np.float32)  # (L, B, D)
+    am = rng.standard_normal((2 * 4, 7, 7)).astype(np.float32)  # (B·H, L, S)
+    m = np.array([[0, 1, 1, 0], [1, 1, 0, 1]], np.float32)
+    got = mod(x, head_mask=m, attn_mask=am, is_causal=True)[0]
+    want = ref_mha(mod, x, head_mask=m, attn_mask=am, is_causal=True)[0]
+    assert_close(got, want, "mha")
+
+
+def test_head_mask_in_bfloat16_and_with_torch_tensors(rng):
+    torch = pytest.importorskip("torch")
+    mod = layer(rng, 4, D=32, dtype="bfloat16")
+    x = rng.standard_normal((2, 5, 32)).astype(np.float32)
+    m = np.array([1, 0, 1, 0], np.float32)
+    got = mod(torch.from_numpy(x), head_mask=torch.from_numpy(m))[0]
+    assert isinstance(got, torch.Tensor)
+    want = ref_mha(mod, x.astype(BF16), head_mask=m)[0]
+    assert got.dtype == torch.float32  # x's dtype; computed in the layer's bfloat16
+    np.testing.assert_allclose(got.numpy(), want, **tol("mha", BF16))
+
+
+def test_head_mask_errors(rng):
+    mod = layer(rng, 4, D=32)
+    x = np.zeros((2, 5, 32), np.float32)
+    with pytest.raises(ValueError, match=r"head_mask must be \(4,\) or"):
+        mod(x, head_mask=np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="finite"):
+        mod(x, head_mask=np.array([1, np.nan, 1, 1], np.float32))
+    with pytest.raises(NotImplementedError, match="kv_cache"):
+        mod(x, head_mask=np.ones(4, np.float32), kv_cache=mhattn.KVCache(2, 4, 8, 8))
+    with pytest.raises(ValueError, match="all 4 heads"):
+        mod.prune_heads([0, 1, 2, 3])
+    with pytest.raises(ValueError, match=r"ints in \[0, 4\)"):
+        mod.prune_heads([4])
+    assert mod.prune_heads([]).num_heads == 4
+
+
+def test_masked_layers_follow_new_weights(rng):
+    mod = layer(rng, 4, D=32)
+    x = rng.standard_normal((1, 5, 32)).astype(np.float32)
+    m = np.array([1, 0, 1, 1], np.float32)
+    mod(x, head_mask=m)
+    mod.load_state_dict({n: w * 2 for n, w in mod.state_dict().items()})
+    assert_close(mod(x, head_mask=m)[0], ref_mha(mod, x, head_mask=m)[0], "mha")
