@@ -70,7 +70,8 @@ class Case:
                     + ("" if self.dtype == "float32" else f" {self.dtype}"))
         gqa = f"/{self.Hkv}" if self.Hkv != self.Hq else ""
         if self.kind == "layer":
-            return f"B{self.B} L{self.L} D{self.Hq * self.E} H{self.Hq}"
+            masked = f", {self.Hq // 2} masked" if self.part == "head_mask" else ""
+            return f"B{self.B} L{self.L} D{self.Hq * self.E} H{self.Hq}{masked}"
         if self.kind == "cache":
             return f"B{self.B} D{self.Hq * self.E} H{self.Hq}{gqa} cache {self.S - 1} + 1"
         if self.kind == "model":
@@ -100,7 +101,10 @@ class Case:
         att = 4.0 * self.B * self.Hq * pairs * self.E
         if self.kind in ("layer", "cache"):
             D, KV = self.Hq * self.E, self.Hkv * self.E
-            return att + 2.0 * self.B * self.L * D * (2 * D + 2 * KV)
+            full = att + 2.0 * self.B * self.L * D * (2 * D + 2 * KV)
+            # head_mask zeroes every other head: what runs is the layer with the rest, whose
+            # attention and projections are all in proportion to its heads.
+            return full * ((self.Hq + 1) // 2) / self.Hq if self.part == "head_mask" else full
         return att
 
     @property
@@ -147,6 +151,10 @@ def preset(name, args):
     if name == "layer":
         return [Case("MultiHeadAttention layer", "layer", b, h, h, l, l, d // h, target="1.1x torch")
                 for b, l, d, h in ((1, 128, 768, 12), (8, 128, 768, 12), (1, 512, 768, 12), (1, 512, 1024, 16))]
+    if name == "heads-masked":  # head_mask with every other head at 0, against the unmasked call
+        return [Case("MultiHeadAttention layer, half the heads masked", "layer", b, h, h, l, l, d // h,
+                     part="head_mask", target="0.6 unmasked")
+                for b, l, d, h in ((1, 128, 768, 12), (8, 128, 768, 12), (1, 512, 768, 12))]
     if name == "layer-heads":
         return [Case(f"MultiHeadAttention layer, width {width}", "layer", B, h, h, L, L, width // h)
                 for h in heads if width % h == 0]
@@ -222,7 +230,7 @@ def preset(name, args):
     raise ValueError(f"unknown preset {name!r}")
 
 
-PRESETS = ["heads", "fixed-dim", "design", "causal", "gqa", "decode", "layer", "layer-heads",
+PRESETS = ["heads", "fixed-dim", "design", "causal", "gqa", "decode", "layer", "heads-masked", "layer-heads",
            "layer-fixed-dim", "cache", "gemm", "gemm-bf16", "gemm-f16", "attention-bf16",
            "attention-f16", "decode-bf16", "decode-f16", "tiny", "minilm", "gpt2", "hf"]
 GPT2_LAYERS = 4
@@ -450,6 +458,9 @@ def run_mhattn(case, inp):
             return lambda: mhattn.matmul(x, inp["b"])
         lin = mhattn.Linear(w)  # packed once, in the weights' dtype; the output in x's
         return lambda: lin(x)
+    if case.kind == "layer" and case.part == "head_mask":
+        mask = np.tile(np.array([1, 0], np.float32), case.Hq // 2 + 1)[:case.Hq]
+        return lambda: inp["mod"](inp["x"], head_mask=mask)[0]
     if case.kind == "layer":
         return lambda: inp["mod"](inp["x"])[0]
     if case.kind == "cache":
@@ -498,6 +509,8 @@ def cache_step(case, inp, linear, sdpa, empty, heads):
 def run_numpy(case, inp):
     if case.kind in ("model", "token", "hf"):
         raise Skip("no NumPy engine for whole models")
+    if case.part == "head_mask":
+        raise Skip("judged against mhattn's own unmasked call")
     if case.kind == "gemm":
         if case.dtype != "float32":
             raise Skip("NumPy has no bfloat16 matmul, and a scalar float16 one")
@@ -546,6 +559,8 @@ def run_torch(case, inp):
         raise Skip("torch is not installed") from None
     torch.set_num_threads(mhattn.get_num_threads())
     F = torch.nn.functional
+    if case.part == "head_mask":
+        raise Skip("nn.MultiheadAttention has no head_mask")
     if case.kind == "hf":  # the same model on transformers' sdpa attention
         return (hf_attention_call if case.part == "attention" else hf_call)(case, inp, "sdpa")
     if case.kind == "token":  # transformers' own cached decoding
@@ -781,6 +796,8 @@ def bench_case(case, engines, repeats, rounds, pause, min_sample_s, rng):
         gqa = case.Hq != case.Hkv
         twin = (lambda: mhattn.scaled_dot_product_attention(q32, k32, v32, is_causal=case.causal,
                                                              enable_gqa=gqa), [])
+    if case.part == "head_mask" and "mhattn" in fns:  # the same layer with every head
+        twin = (lambda: inp["mod"](inp["x"])[0], [])
     if case.kind == "gemm" and case.dtype != "float32" and "mhattn" in fns:
         # A half product is judged against mhattn's own float32 one, on the same values.
         lin32, x32 = mhattn.Linear(inp["w"].astype(np.float32)), inp["x"].astype(np.float32)
@@ -884,6 +901,9 @@ def one_target(t, case, res, me):
         return added <= float(t.split("us")[0]), (
             f"{added:.1f} us more than the same call with NumPy arrays "
             f"({me['twin_median_s'] * 1e6:.1f} us)")
+    if t.endswith("unmasked"):
+        share = me["median_s"] / me["twin_median_s"]
+        return share <= float(t.split()[0]), f"{share:.2f} of the unmasked call's time"
     if t.endswith("x fp32"):
         ratio = me["twin_median_s"] / me["median_s"]
         return ratio >= float(t.split("x")[0]), f"{ratio:.2f}x mhattn float32"

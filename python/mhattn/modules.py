@@ -443,6 +443,13 @@ class MultiHeadAttention:
             raise NotImplementedError("head_mask with kv_cache: the cache needs every head's keys "
                                       "and values; prune the layer (prune_heads) instead")
         m = _checks.as_float(head_mask, "head_mask")
+        if m.shape == (H,) and attn_mask is None and not need_weights:  # the common case, short
+            if not np.all(np.isfinite(m)):
+                raise ValueError("head_mask must be finite")
+            sub = self._masked_layer(np.ascontiguousarray(m))
+            if sub is not None:
+                return sub(query, key, value, key_padding_mask=key_padding_mask,
+                           is_causal=is_causal)
         c = _checks.check_mha(self, query, key, value, key_padding_mask, attn_mask, None)
         if m.shape not in ((H,), (c.B, H)) or (c.unbatched and m.ndim != 1):
             raise ValueError(f"head_mask must be ({H},) or (batch, {H}) = ({c.B}, {H}); got {m.shape}")
