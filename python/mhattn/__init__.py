@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from . import _core, reference
+from . import _core, models, reference
 from ._core import __version__
 from .functional import linear, matmul, scaled_dot_product_attention, softmax
 from .modules import KVCache, Linear, MultiHeadAttention

