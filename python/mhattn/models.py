@@ -166,7 +166,7 @@ class SentenceEncoder:
                             np.float32)
         return out
 
-    def _embed_batch(self, ids, mask, skip_padding, head_masks):
+    def _embed_batch(self, ids, mask, skip_padding, head_masks, maps=None):
         B, T = ids.shape
         x = _layer_norm(self.word[ids] + self.pos[:T] + self.type0, *self.emb_norm, self.eps)
         x = x.astype(np.float32)
@@ -176,7 +176,10 @@ class SentenceEncoder:
         for i, layer in enumerate(self.layers):
             x[rows] = h
             hm = None if head_masks is None else head_masks.get(i)
-            a, _ = layer["attention"](x, key_padding_mask=padding, head_mask=hm)
+            a, w = layer["attention"](x, key_padding_mask=padding, head_mask=hm,
+                                      need_weights=maps is not None, average_attn_weights=False)
+            if maps is not None:
+                maps.append(w)
             h = _layer_norm(h + a[rows], *layer["norm1"], self.eps)
             h = _layer_norm(h + layer["down"](layer["up"](h)), *layer["norm2"], self.eps)
         x[rows] = h
@@ -197,6 +200,16 @@ class SentenceEncoder:
         return out
 
     # ---- heads -----------------------------------------------------------------------------
+
+    def attention_maps(self, sentence):
+        """(tokens, maps) for one sentence: its tokens as strings, and for each layer the
+        attention weights of every head, (heads, T, T), query tokens along the rows, from the
+        same kernel that encodes."""
+        enc = self.tokenizer.encode(sentence)
+        ids = np.array([enc.ids], np.int64)
+        maps = []
+        self._embed_batch(ids, np.ones_like(ids, bool), True, None, maps)
+        return list(enc.tokens), [w[0] for w in maps]
 
     def prune_heads(self, heads):
         """Remove heads for good: heads = {layer: [head, ...]}, indices among each layer's
