@@ -30,7 +30,12 @@ def heads(argv):
     for i, row in enumerate(imp):
         print(f"{i:5d} " + "".join(f"{v:8.5f}" for v in row[:model.num_heads[i]]))
     tokens, maps = model.attention_maps(args.sentence[0])
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print("no attention maps: they are drawn with matplotlib (pip install matplotlib)",
+              file=sys.stderr)
+        return 1
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
