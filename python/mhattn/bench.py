@@ -300,8 +300,8 @@ def pruned_minilm(case, sentences):
     of each layer (head_importance on the harness's sentences), encoding the batch, or running
     its six attention layers alone on the batch's (B, T, 384) grid. The mean cosine of its
     embeddings to the full model's becomes the case's note ("cos ...")."""
-    full = minilm()
-    if "table" not in _IMPORTANCE:
+    if "table" not in _IMPORTANCE:  # the full model, loaded once for every k
+        full = minilm()
         _IMPORTANCE["table"] = full.head_importance(SENTENCES)
         _IMPORTANCE["base"] = full.encode(sentences)
     table, base = _IMPORTANCE["table"], _IMPORTANCE["base"]

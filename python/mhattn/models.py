@@ -81,7 +81,7 @@ class SentenceEncoder:
     # ---- pickling: the weights travel, the packed layers are rebuilt ---------------------
 
     def __getstate__(self):
-        return {k: self._state[k] for k in self._state}
+        return dict(self._state)
 
     def __setstate__(self, state):
         from tokenizers import Tokenizer
