@@ -99,8 +99,8 @@ def test_head_mask_errors(rng):
         mod(x, head_mask=np.ones(3, np.float32))
     with pytest.raises(ValueError, match="finite"):
         mod(x, head_mask=np.array([1, np.nan, 1, 1], np.float32))
-    with pytest.raises(NotImplementedError, match="kv_cache"):
-        mod(x, head_mask=np.ones(4, np.float32), kv_cache=mhattn.KVCache(2, 4, 8, 8))
+    with pytest.raises(ValueError, match=r"head_mask must be \(4,\) or"):
+        mod(x, head_mask=np.ones((3, 4), np.float32), kv_cache=mhattn.KVCache(2, 4, 8, 8))
     with pytest.raises(ValueError, match="all 4 heads"):
         mod.prune_heads([0, 1, 2, 3])
     with pytest.raises(ValueError, match=r"ints in \[0, 4\)"):
@@ -115,3 +115,47 @@ def test_masked_layers_follow_new_weights(rng):
     mod(x, head_mask=m)
     mod.load_state_dict({n: w * 2 for n, w in mod.state_dict().items()})
     assert_close(mod(x, head_mask=m)[0], ref_mha(mod, x, head_mask=m)[0], "mha")
+
+
+@pytest.mark.parametrize("H,Hkv", [(4, None), (8, 2), (6, 3)])
+def test_head_mask_with_a_kv_cache(isa, rng, H, Hkv):
+    # Decoding with a mask that changes from call to call: every call's rows equal the
+    # reference over the whole sequence (causal) with that call's mask, so the cache kept the
+    # keys and values of the heads an earlier call masked.
+    B, T, D = 2, 10, 8 * H
+    mod = layer(rng, H, Hkv, D=D)
+    x = rng.standard_normal((B, T, D)).astype(np.float32)
+    some = np.ones(H, np.float32)
+    some[[0, H - 1]] = 0
+    per_row = np.stack([np.linspace(0, 2, H), np.zeros(H)]).astype(np.float32)  # row 1: none
+    cache = mhattn.KVCache(B, mod.num_kv_heads, T, mod.head_dim)
+    for (a, b), m in zip([(0, 4), (4, 5), (5, 6), (6, 8), (8, 10)],
+                         [some, per_row, None, 1 - some, some * 0.5]):
+        got, w = mod(x[:, a:b], kv_cache=cache, head_mask=m, need_weights=True,
+                     average_attn_weights=False)
+        want, want_w = ref_mha(mod, x, head_mask=m, is_causal=True, need_weights=True,
+                               average_attn_weights=False)
+        assert_close(got, want[:, a:b], "mha")
+        assert_close(w, want_w[:, :, a:b, :b], "mha")
+        assert len(cache) == b
+    np.testing.assert_allclose(mod(x[:, :1], head_mask=per_row, kv_cache=mhattn.KVCache(
+        B, mod.num_kv_heads, 1, mod.head_dim))[0][1], np.broadcast_to(
+        mod.state_dict()["out_proj.bias"], (1, D)))  # every head masked: the bias alone
+
+
+@pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
+def test_pruned_decoding_equals_masked_decoding(rng, cache_dtype):
+    # In bfloat16 both caches hold the same rounded keys and values of the kept kv heads.
+    H, Hkv, drop = 8, 4, [1, 2, 3, 6]
+    mod = layer(rng, 8, 4, D=64, batch_first=False)
+    pruned = layer(rng, 8, 4, D=64, batch_first=False)
+    pruned.load_state_dict(mod.state_dict())
+    pruned.prune_heads(drop)
+    m = np.ones(H, np.float32)
+    m[drop] = 0
+    x = rng.standard_normal((7, 3, 64)).astype(np.float32)  # (L, B, D)
+    full = mhattn.KVCache(3, Hkv, 7, 8, dtype=cache_dtype)
+    small = mhattn.KVCache(3, pruned.num_kv_heads, 7, 8, dtype=cache_dtype)
+    for a, b in [(0, 3), (3, 4), (4, 7)]:
+        assert_close(mod(x[a:b], kv_cache=full, head_mask=m)[0],
+                     pruned(x[a:b], kv_cache=small)[0], "mha")

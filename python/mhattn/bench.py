@@ -60,6 +60,7 @@ class Case:
     part: str = ""
     dtype: str = "float32"  # of the inputs and weights: float32, bfloat16 or float16
     note: str = ""  # shown after the label (the pruned model's cosine, found as it is built)
+    cosine: float = 0.0  # kind "pruned": the mean cosine of its embeddings to the full model's
     # kind "gemm": "Linear" (weights packed once, as a layer holds them), "linear" (the one-shot
     # mhattn.linear(x, W)) or "matmul" (mhattn.matmul(x, B) with B = W.T row-major). torch and
     # NumPy run the same product their own way: F.linear / x @ W.T, torch.matmul / x @ B.
@@ -308,7 +309,8 @@ def pruned_minilm(case, sentences):
     model = minilm().prune_heads({i: np.argsort(row)[:len(row) - case.Hq].tolist()
                                   for i, row in enumerate(table)})
     emb = model.encode(sentences)
-    case.note = f"cos {float(np.mean((emb * base).sum(1))):.4f}"
+    case.cosine = float(np.mean((emb * base).sum(1)))
+    case.note = f"cos {case.cosine:.4f}"
     if case.part == "model":
         return lambda: model.encode(sentences)
     enc = model.tokenizer.encode_batch(sentences)
@@ -1061,9 +1063,14 @@ def plot(results, engines, path):
     for case, res in results:
         if case.group.startswith("heads") or ", width" in case.group or ", head dim" in case.group:
             sweeps.setdefault(case.group, []).append((case, res))
-    if not sweeps:
-        raise SystemExit("--plot needs a sweep over heads (preset heads, fixed-dim or layer-heads)")
-    fig, axes = plt.subplots(len(sweeps), 2, figsize=(11, 4 * len(sweeps)), squeeze=False)
+    pruned = [(c, r["mhattn"]) for c, r in results if c.kind == "pruned" and "k12_share" in r["mhattn"]]
+    if not sweeps and not pruned:
+        raise SystemExit("--plot needs a sweep over heads (preset heads, fixed-dim or layer-heads) "
+                         "or the pruned preset")
+    rows = len(sweeps) + bool(pruned)
+    fig, axes = plt.subplots(rows, 2, figsize=(11, 4 * rows), squeeze=False)
+    if pruned:
+        plot_pruned(axes[-1], pruned)
     for row, (group, items) in zip(axes, sweeps.items()):
         for e in engines:
             pts = [(c.Hq, r[e]) for c, r in items if "median_s" in r[e]]
@@ -1081,9 +1088,32 @@ def plot(results, engines, path):
             ax.grid(True, alpha=0.3)
         row[0].set_yscale("log")
         row[1].legend()
-    fig.suptitle(f"attention, median of one run; {mhattn.get_num_threads()} threads, {_core.target()}")
+    what = "attention" if sweeps else "heads pruned"
+    fig.suptitle(f"{what}, median of one run; {mhattn.get_num_threads()} threads, {_core.target()}")
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(path, dpi=64)  # four sweeps stay under 200 KB
+
+
+def plot_pruned(row, pruned):
+    """The pruned preset against k: time over k = 12 of the model and of its attention layers
+    (with the targets), and the embeddings' cosine to the full model's."""
+    for part, color in (("model", "C0"), ("attention", "C1")):
+        pts = sorted((c.Hq, r["k12_share"]) for c, r in pruned if c.part == part)
+        row[0].plot([k for k, _ in pts], [x for _, x in pts], "o-", color=color,
+                    label="the whole encoder" if part == "model" else "its attention layers")
+    row[0].plot([6, 2], [0.6, 0.3], "v", color="C3", label="targets (at most)")
+    ks = sorted({c.Hq for c, _ in pruned})
+    row[0].plot(ks, [k / 12 for k in ks], ":", color="gray", label="k / 12")
+    cos = sorted((c.Hq, c.cosine) for c, _ in pruned if c.part == "model")
+    row[1].plot([k for k, _ in cos], [x for _, x in cos], "o-", color="C2")
+    for ax, ylabel in zip(row, ("time / time at k = 12", "cosine to the full model")):
+        ax.set_xlabel("heads kept per layer (k)")
+        ax.set_ylabel(ylabel)
+        ax.set_xticks(ks)
+        ax.grid(True, alpha=0.3)
+    row[0].set_title("all-MiniLM-L6-v2, 32 sentences: time")
+    row[1].set_title("embeddings against the unpruned model")
+    row[0].legend()
 
 
 # ------------------------------------------------------------------------------------------
@@ -1107,7 +1137,8 @@ def parse_args(argv):
     p.add_argument("--min-sample", type=float, default=0.02, help="seconds a timed sample lasts at least")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one sample: checks that it runs")
     p.add_argument("--json", metavar="FILE", help="write every figure and the machine to FILE")
-    p.add_argument("--plot", metavar="FILE.png", help="plot time and GFLOP/s against head count")
+    p.add_argument("--plot", metavar="FILE.png", help="plot time and GFLOP/s against head count "
+                   "(the sweeps), and time and cosine against heads kept (pruned)")
     return p.parse_args(argv)
 
 

@@ -176,8 +176,9 @@ class MultiHeadAttention:
     head_mask (num_heads,) or (B, num_heads): multipliers on each head's output before the
     out-projection, as transformers 4's head_mask (the returned weights of a head are multiplied
     too). A head whose multiplier is 0 costs nothing: the call runs the layer with those heads
-    pruned (see prune_heads), a pruned copy kept for each of the last few masks. Not with
-    kv_cache (a decoding loop prunes the layer instead).
+    pruned (see prune_heads), a pruned copy kept for each of the last few masks. With kv_cache,
+    every kv head's new keys and values still go into the cache (a later call may keep other
+    heads), and only the kept heads attend, reading the cache in place.
 
     prune_heads(heads) removes heads for good. After it, num_heads (and num_kv_heads) count
     what is left, head_dim is unchanged, and the projections to and from the heads are
@@ -439,10 +440,10 @@ class MultiHeadAttention:
         """__call__ with head_mask: each group of batch rows that share a mask runs on the layer
         with that mask's zero heads pruned (_masked_layer)."""
         H = self.num_heads
-        if kv_cache is not None:
-            raise NotImplementedError("head_mask with kv_cache: the cache needs every head's keys "
-                                      "and values; prune the layer (prune_heads) instead")
         m = _checks.as_float(head_mask, "head_mask")
+        if kv_cache is not None:
+            return self._call_masked_cached(m, query, key, value, key_padding_mask, attn_mask,
+                                            need_weights, average_attn_weights, kv_cache)
         if m.shape == (H,) and attn_mask is None and not need_weights:  # the common case, short
             if not np.all(np.isfinite(m)):
                 raise ValueError("head_mask must be finite")
@@ -451,11 +452,7 @@ class MultiHeadAttention:
                 return sub(query, key, value, key_padding_mask=key_padding_mask,
                            is_causal=is_causal)
         c = _checks.check_mha(self, query, key, value, key_padding_mask, attn_mask, None)
-        if m.shape not in ((H,), (c.B, H)) or (c.unbatched and m.ndim != 1):
-            raise ValueError(f"head_mask must be ({H},) or (batch, {H}) = ({c.B}, {H}); got {m.shape}")
-        if not np.all(np.isfinite(m)):
-            raise ValueError("head_mask must be finite")
-        rows = np.broadcast_to(m, (c.B, H))
+        rows = self._mask_rows(m, c)
         S = c.S_new
         axis = 0 if c.unbatched or self.batch_first else 1  # of the batch in query, key, value
         out = weights = None
@@ -499,3 +496,93 @@ class MultiHeadAttention:
                 weights = weights.mean(axis=1)
             weights = _checks.cast(weights[0] if c.unbatched else weights, c.dtype)
         return out, weights
+
+    def _mask_rows(self, m, c):
+        """head_mask m, checked, as (B, num_heads) rows."""
+        H = self.num_heads
+        if m.shape not in ((H,), (c.B, H)) or (c.unbatched and m.ndim != 1):
+            raise ValueError(f"head_mask must be ({H},) or (batch, {H}) = ({c.B}, {H}); got {m.shape}")
+        if not np.all(np.isfinite(m)):
+            raise ValueError("head_mask must be finite")
+        return np.broadcast_to(m, (c.B, H))
+
+    def _call_masked_cached(self, m, query, key, value, key_padding_mask, attn_mask,
+                            need_weights, average_attn_weights, kv_cache):
+        """__call__ with head_mask and kv_cache.
+
+        1. The new tokens' keys and values of every kv head go into the cache, as the unmasked
+           call writes them (a later call may keep other heads).
+        2. For each group of batch rows that share a mask: the queries of the kept heads only
+           (the Q rows of _masked_layer's pruned copy), then attention of each kv head's kept
+           query heads over that kv head, read in place from the cache (bottom-right causal),
+           into their columns of the concatenated heads.
+        3. The out-projection of the kept heads' columns, scaled by the mask (the pruned copy's).
+        """
+        c = _checks.check_mha(self, query, key, value, key_padding_mask, attn_mask, kv_cache)
+        rows = self._mask_rows(m, c)
+        B, L, H, Hkv, E = c.B, c.L, self.num_heads, self.num_kv_heads, self.head_dim
+        G, pos = H // Hkv, len(kv_cache)
+        S = pos + L
+        masks = _checks.mha_masks(c, H, S)  # checked here; sliced per group below
+        x = _checks.as_dtype(query, self.dtype, "query")
+        x = x[None] if c.unbatched else (x if self.batch_first else x.transpose(1, 0, 2))
+        xa, xcode = _checks.native(np.ascontiguousarray(x).reshape(B * L, self.embed_dim))
+
+        def project(x_rows, packed, bias, n, code=xcode):
+            out = np.empty((x_rows.shape[0], n), np.float32)
+            _core.gemm(out, x_rows, packed, bias, 0, code)
+            return out
+
+        _, pk, pv, _ = self._packed.get()  # 1.
+        for i, (packed, bias) in enumerate(((pk, self._biases[1]), (pv, self._biases[2]))):
+            new = project(xa, packed, bias, Hkv * E).reshape(B, L, Hkv, E).transpose(0, 2, 1, 3)
+            kv_cache._kv[:, i * Hkv:(i + 1) * Hkv, pos:S] = new  # rounded to the cache's dtype
+        kv_cache._len = S
+        cache, kv_code = _checks.native(kv_cache._kv)
+
+        out = np.empty((B, L, self.embed_dim), np.float32)
+        weights = np.zeros((B, H, L, S), np.float32) if need_weights else None
+        scale = float(1.0 / np.sqrt(E))
+        for mask_row in np.unique(rows, axis=0):  # 2.
+            sel = np.flatnonzero(np.all(rows == mask_row, axis=1))
+            keep = np.flatnonzero(mask_row)
+            sub = self._masked_layer(np.ascontiguousarray(mask_row, np.float32))
+            if sub is None:  # every head masked: the out-projection's bias alone
+                out[sel] = self._biases[3] if self.bias else 0.0
+                continue
+            pq, _, _, po = sub._packed.get()
+            x_sel = xa if len(sel) == B else xa.reshape(B, L, -1)[sel].reshape(len(sel) * L, -1)
+            q = project(x_sel, pq, sub._biases[0], len(keep) * E).reshape(len(sel), L, len(keep), E)
+            concat = np.empty_like(q)
+            for j in np.unique(keep // G):
+                s, e = np.searchsorted(keep // G, [j, j + 1])
+                for i, b in enumerate(sel):  # (1, heads of kv head j, L, E) views, no copies
+                    one = lambda a: a[i:i + 1].transpose(0, 2, 1, 3)[:, s:e]
+                    w = np.empty((1, e - s, L, S), np.float32) if need_weights else None
+                    _core.attention(one(concat), w, one(q), cache[b:b + 1, j:j + 1, :S],
+                                    cache[b:b + 1, Hkv + j:Hkv + j + 1, :S],
+                                    *(None if mk is None else self._mask_slice(mk, b, keep[s:e])
+                                      for mk in masks),
+                                    True, pos, 0, scale, 0.0, kv_code)
+                    if need_weights:
+                        weights[b, keep[s:e]] = w[0] * mask_row[keep[s:e]][:, None, None]
+            o = project(concat.reshape(len(sel) * L, -1), po, sub._biases[3], self.embed_dim, 0)  # 3.
+            out[sel] = o.reshape(len(sel), L, -1)
+
+        if c.unbatched:
+            out = out[0]
+        elif not self.batch_first:
+            out = out.transpose(1, 0, 2).copy()
+        if need_weights:
+            if average_attn_weights:
+                weights = weights.mean(axis=1)
+            weights = _checks.cast(weights[0] if c.unbatched else weights, c.dtype)
+        return _checks.cast(out, c.dtype), weights
+
+    @staticmethod
+    def _mask_slice(mask, b, heads):
+        """A kernel mask (array broadcast to (B, H, L, S), keep) cut to batch row b and `heads`."""
+        a, keep = mask
+        a = a[b:b + 1]
+        a = a[:, :len(heads)] if a.strides[1] == 0 else a[:, heads]
+        return (a, keep)
