@@ -39,6 +39,25 @@ def test_prune_heads_equals_the_masked_layer(isa, rng, H, Hkv, drop):
     sd = mod.state_dict()
     assert sd["out_proj.weight"].shape == (8 * H, 8 * mod.num_heads)
     assert_close(mod(x)[0], ref_mha(mod, x)[0], "mha")  # the reference on the pruned weights
+    fresh = mhattn.MultiHeadAttention(8 * H, mod.num_heads, num_kv_heads=mod.num_kv_heads,
+                                      head_dim=8)
+    fresh.load_state_dict(sd)
+    np.testing.assert_array_equal(fresh(x)[0], mod(x)[0])
+
+
+def test_prune_heads_in_cross_attention(rng):
+    H, D, kdim, vdim = 6, 48, 20, 36
+    mod = layer(rng, H, 3, D=D, kdim=kdim, vdim=vdim)
+    x = rng.standard_normal((2, 5, D)).astype(np.float32)
+    k = rng.standard_normal((2, 9, kdim)).astype(np.float32)
+    v = rng.standard_normal((2, 9, vdim)).astype(np.float32)
+    m = np.array([1, 1, 0, 0, 1, 0], np.float32)
+    masked = mod(x, k, v, head_mask=m)[0]
+    want = ref.multi_head_attention(x, k, v, mod.state_dict(), H, 3, head_mask=m)[0]
+    assert_close(masked, want, "mha")
+    mod.prune_heads([2, 3, 5])
+    assert_close(mod(x, k, v)[0], want, "mha")
+    assert mod.state_dict()["k_proj_weight"].shape == (mod.num_kv_heads * 8, kdim)
 
 
 def test_prune_heads_drops_a_kv_head_with_its_last_query_head(rng):

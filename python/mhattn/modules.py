@@ -155,8 +155,9 @@ class MultiHeadAttention:
     heads and a KV cache as well.
 
     MultiHeadAttention(embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None,
-    bias=True, batch_first=True, seed=None, dtype=None). Weights start as PyTorch initialises
-    them (Xavier uniform in-projection, zero biases), drawn from numpy.random.default_rng(seed).
+    bias=True, batch_first=True, seed=None, dtype=None, head_dim=None). Weights start as
+    PyTorch initialises them (Xavier uniform in-projection, zero biases), drawn from
+    numpy.random.default_rng(seed).
     dtype ("float32", the default, "bfloat16" or "float16") is what the layer stores its weights
     in and computes its projections in; an input of another float dtype is converted to it on
     the way in, and the output has the input's dtype.
@@ -182,17 +183,18 @@ class MultiHeadAttention:
 
     prune_heads(heads) removes heads for good. After it, num_heads (and num_kv_heads) count
     what is left, head_dim is unchanged, and the projections to and from the heads are
-    num_heads · head_dim wide rather than embed_dim.
+    num_heads · head_dim wide rather than embed_dim. head_dim= (default embed_dim // num_heads)
+    builds such a layer directly, for instance to load a pruned layer's state_dict().
     """
 
     def __init__(self, embed_dim, num_heads, *, num_kv_heads=None, kdim=None, vdim=None,
-                 bias=True, batch_first=True, seed=None, dtype=None):
+                 bias=True, batch_first=True, seed=None, dtype=None, head_dim=None):
         self.dtype = _checks.compute_dtype(dtype)
         self.embed_dim = _checks.as_int(embed_dim, "embed_dim", 1)
         self.num_heads = _checks.as_int(num_heads, "num_heads", 1)
-        if self.embed_dim % self.num_heads:
+        if head_dim is None and self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim ({self.embed_dim}) must be divisible by num_heads "
-                             f"({self.num_heads})")
+                             f"({self.num_heads}), or head_dim given")
         self.num_kv_heads = (self.num_heads if num_kv_heads is None
                              else _checks.as_int(num_kv_heads, "num_kv_heads", 1))
         if self.num_heads % self.num_kv_heads:
@@ -202,28 +204,29 @@ class MultiHeadAttention:
         self.vdim = self.embed_dim if vdim is None else _checks.as_int(vdim, "vdim", 1)
         self.bias = bool(bias)
         self.batch_first = bool(batch_first)
-        self.head_dim = self.embed_dim // self.num_heads
+        self.head_dim = (self.embed_dim // self.num_heads if head_dim is None
+                         else _checks.as_int(head_dim, "head_dim", 1))
 
         rng = np.random.default_rng(seed)
-        D, KV = self.embed_dim, self.num_kv_heads * self.head_dim
+        D, Q, KV = self.embed_dim, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
 
         def xavier(rows, cols):
             bound = np.sqrt(6.0 / (rows + cols))
             return rng.uniform(-bound, bound, size=(rows, cols)).astype(np.float32)
 
         if self._qkv_same_dim:
-            w = xavier(D + 2 * KV, D)
-            wq, wk, wv = w[:D], w[D:D + KV], w[D + KV:]
+            w = xavier(Q + 2 * KV, D)
+            wq, wk, wv = w[:Q], w[Q:Q + KV], w[Q + KV:]
         else:
-            wq, wk, wv = xavier(D, D), xavier(KV, self.kdim), xavier(KV, self.vdim)
-        wo = rng.uniform(-1, 1, size=(D, D)).astype(np.float32) / np.sqrt(D)
+            wq, wk, wv = xavier(Q, D), xavier(KV, self.kdim), xavier(KV, self.vdim)
+        wo = rng.uniform(-1, 1, size=(D, Q)).astype(np.float32) / np.sqrt(Q)
         sd = {"out_proj.weight": wo}
         if self._qkv_same_dim:
             sd["in_proj_weight"] = np.concatenate([wq, wk, wv])
         else:
             sd.update(q_proj_weight=wq, k_proj_weight=wk, v_proj_weight=wv)
         if self.bias:
-            sd["in_proj_bias"] = np.zeros(D + 2 * KV, np.float32)
+            sd["in_proj_bias"] = np.zeros(Q + 2 * KV, np.float32)
             sd["out_proj.bias"] = np.zeros(D, np.float32)
         self.load_state_dict(sd)
 
