@@ -39,6 +39,34 @@ def test_sdpa_in_half_on_every_path(isa, threads, rng, dtype, Hq, Hkv, L, S, E, 
         assert_close(got, want, "attention", dtype)
 
 
+
+# Tiles of many rows in bfloat16: on targets with AVX512-BF16 both products run on vdpbf16ps
+# with k and v as they are (pairs of dims of q, pairs of keys of P and v), elsewhere on widened
+# copies. (Hq, Hkv, L, S, E, Ev): odd E and Ev, E = 1, Ev under the vector width, an odd number
+# of keys in the last block, several blocks, a GQA group, a wide head.
+BF16_TILES = [(2, 2, 40, 131, 13, 20), (3, 1, 17, 300, 1, 3), (4, 2, 33, 129, 64, 64),
+              (1, 1, 20, 50, 768, 768), (2, 2, 65, 257, 31, 17)]
+
+
+@pytest.mark.parametrize("Hq,Hkv,L,S,E,Ev", BF16_TILES)
+def test_bfloat16_tiles_on_every_path(isa, rng, Hq, Hkv, L, S, E, Ev):
+    B = 2
+    q, k, v = qkv(rng, BF16, B, Hq, Hkv, L, S, E, Ev)
+    rows = rng.random((B, Hq, L, S)) < 0.7  # a mask that differs from row to row
+    rows[0, 0, 3] = False                    # a row that sees no key: zeros
+    flt = np.where(rng.random((L, S)) < 0.8, rng.standard_normal((L, S)), -np.inf).astype(BF16)
+    for kw in ({}, {"is_causal": True}, {"is_causal": True, "causal_align": "bottom_right"},
+               {"attn_mask": rows}, {"attn_mask": flt, "window": 7}, {"softcap": 2.0}):
+        got = mhattn.scaled_dot_product_attention(q, k, v, enable_gqa=Hq != Hkv, **kw)
+        want = ref.scaled_dot_product_attention(q, k, v, enable_gqa=Hq != Hkv, **kw)
+        assert_close(got, want, "attention", BF16)
+    # k and v of any strides: (B, S, H, E) memory seen as (B, H, S, E)
+    ks = np.ascontiguousarray(k.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+    vs = np.ascontiguousarray(v.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+    got = mhattn.scaled_dot_product_attention(q, ks, vs, enable_gqa=Hq != Hkv)
+    assert_close(got, ref.scaled_dot_product_attention(q, k, v, enable_gqa=Hq != Hkv),
+                 "attention", BF16)
+
 def test_fully_masked_rows_and_empty_lengths_in_half(rng):
     q, k, v = qkv(rng, BF16, 1, 2, 2, 1, 20, 16)
     got = mhattn.scaled_dot_product_attention(q, k, v, attn_mask=np.zeros((1, 20), bool))

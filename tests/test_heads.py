@@ -164,7 +164,9 @@ def test_head_mask_with_a_kv_cache(isa, rng, H, Hkv):
 
 @pytest.mark.parametrize("cache_dtype", ["float32", "bfloat16"])
 def test_pruned_decoding_equals_masked_decoding(rng, cache_dtype):
-    # In bfloat16 both caches hold the same rounded keys and values of the kept kv heads.
+    # In bfloat16 both caches hold the same rounded keys and values of the kept kv heads, but
+    # the two calls may take different paths (a kv head's group of query heads differs), and
+    # the bfloat16 tiles round q: bfloat16's tolerance there.
     H, Hkv, drop = 8, 4, [1, 2, 3, 6]
     mod = layer(rng, 8, 4, D=64, batch_first=False)
     pruned = layer(rng, 8, 4, D=64, batch_first=False)
@@ -175,6 +177,7 @@ def test_pruned_decoding_equals_masked_decoding(rng, cache_dtype):
     x = rng.standard_normal((7, 3, 64)).astype(np.float32)  # (L, B, D)
     full = mhattn.KVCache(3, Hkv, 7, 8, dtype=cache_dtype)
     small = mhattn.KVCache(3, pruned.num_kv_heads, 7, 8, dtype=cache_dtype)
+    t = tol("mha", BF16 if cache_dtype == "bfloat16" else np.float32)
     for a, b in [(0, 3), (3, 4), (4, 7)]:
-        assert_close(mod(x[a:b], kv_cache=full, head_mask=m)[0],
-                     pruned(x[a:b], kv_cache=small)[0], "mha")
+        np.testing.assert_allclose(mod(x[a:b], kv_cache=full, head_mask=m)[0],
+                                   pruned(x[a:b], kv_cache=small)[0], **t)

@@ -25,9 +25,11 @@
 // tiles have all their blocks packed once per call, before the tiles run.
 // On AVX-512, tiles without weights to write take the lanes path instead (below merge_row):
 // W query rows at a time, one per lane of a vector, k and v read in place.
-// k and v are float32, or (for the direct path only: decode, a KV cache in half the bytes)
-// bfloat16 or float16, read where they lie and widened in registers; mhattn::attention
-// (mha.cpp) widens a 16-bit k and v for the other paths first. KT is their element type.
+// k and v are float32, or bfloat16 or float16 read where they lie: on the direct path (decode,
+// a KV cache in half the bytes) widened in registers, and bfloat16 on the lanes path of targets
+// with AVX512-BF16, multiplied as it is (vdpbf16ps, below attend_tile_lanes). mhattn::attention
+// (mha.cpp) widens a 16-bit k and v for the other paths first (reads_kv says which). KT is
+// their element type.
 // Split-S: when a decode call has too few tiles to keep every thread busy (one sequence, few
 // kv heads), each tile's keys are cut into chunks that run as tasks of their own, each ending
 // with its rows' partial (m, l, O); a second pass merges them:
@@ -158,6 +160,7 @@ void qk_direct(int64_t R, float* s, int64_t lds, const float* qs, const KT* k, i
     for (int64_t i = 0; i < R; ++i) {
       const float* q = qs + i * E;
       V acc[W];
+#pragma GCC unroll 16  // unrolled, acc lives in registers (else GCC zeroes it with rep stos)
       for (int c = 0; c < W; ++c) {  // key by key: k is read in address order
         const KT* kc = kj + c * k_ss;
         acc[c] = vzero();
@@ -524,10 +527,13 @@ void qk_lanes(float* sT, V& mx, const float* qT, const float* k, int64_t k_ss, i
     const V q = vload(qT + e * W);
     for (int c = 0; c < NJ; ++c) acc[c] = vfma(q, vset1(k[c * k_ss + e]), acc[c]);
   }
+  V m = mx;  // a local: mx could alias sT (vector types may alias float), which would keep it
+             // in memory, each vmax waiting for the store before it
   for (int c = 0; c < NJ; ++c) {
     vstore(sT + c * W, acc[c]);
-    mx = vmax(mx, acc[c]);
+    m = vmax(m, acc[c]);
   }
+  mx = m;
 }
 
 // oT (NE × W) = oT · alpha + Σ_j P[j] (W) · v[j][e] over bk keys, for NE dims of v (rows v_ss
@@ -645,66 +651,276 @@ void lanes_to_rows(const Row* rows, int64_t n, const float* oT, const float* l, 
     for (int64_t i = 0; i < n; ++i) rows[i].out[e] = oT[e * W + i] * inv[i];
 }
 
-// One block of keys [j0, j0 + bk) for a group of W rows: sT = qT · kᵀ; step 3 when `cut` (some
-// row does not see every key of the block) or there are masks; the softmax update of m, l and
-// oT (W lanes each; oT is Ev × W); oT += P · v.
-void lanes_block(const AttnArgs& a, const KeyBlocks<float>& kb, const Row* rows, int64_t j0,
-                 int64_t bk, bool cut, const float* qT, float* sT, float* m, float* l,
-                 float* oT) {
-  const int64_t E = a.E, Ev = a.Ev;
+// Step 3 on the lanes path for one block of keys [j0, j0 + bk) of a group of W rows, whose
+// scores sT (bk × W) are in hand: the soft cap, the masks, and -inf outside each row's bounds
+// when `cut` (some row does not see every key of the block). Returns the lane-wise max of what
+// is left.
+V lanes_mask(const AttnArgs& a, const Row* rows, int64_t j0, int64_t bk, bool cut, float* sT) {
+  const V ninf = vset1(-INFINITY);
+  if (a.softcap > 0) vec_softcap(sT, bk * W, a.softcap);
+  for (int mi = 0; mi < 2; ++mi)
+    if (per_key(a, a.masks[mi]))
+      mask_lanes(sT, a.masks[mi], rows[0].mask[mi], j0, bk);
+    else
+      mask_lanes_rows(sT, a.masks[mi], rows, mi, j0, bk);
+  if (cut) {  // then -inf outside each row's bounds, whatever a float mask added (softmax_row)
+    float first[W], final[W];  // per lane, relative to j0: exact in float whatever S is
+    for (int i = 0; i < W; ++i) {
+      first[i] = static_cast<float>(std::clamp<int64_t>(rows[i].lo - j0, -1, bk));
+      final[i] = static_cast<float>(std::clamp<int64_t>(rows[i].hi - 1 - j0, -1, bk));
+    }
+    const V vlo = vload(first), vlast = vload(final);
+    for (int64_t j = 0; j < bk; ++j) {
+      const V key = vset1(static_cast<float>(j));
+      const V s = vselect_nonneg(vsub(key, vlo), vload(sT + j * W), ninf);
+      vstore(sT + j * W, vselect_nonneg(vsub(vlast, key), s, ninf));
+    }
+  }
+  V mx = ninf;
+  for (int64_t j = 0; j < bk; ++j) mx = vmax(mx, vload(sT + j * W));
+  return mx;
+}
+
+// The lanes path's products on float32 k and v (the bfloat16 ones follow below):
+// sT (bk × W) = qT · kᵀ for keys [j0, j0 + bk), returning the lane-wise max;
+V lanes_qk(const AttnArgs& a, const KeyBlocks<float>& kb, const float* qT, float* sT,
+           int64_t j0, int64_t bk, const Scratch&) {
   const float* k = kb.k + j0 * a.k_ss;
   V mx = vset1(-INFINITY);
   int64_t j = 0;
   for (; j + kLanesKeys <= bk; j += kLanesKeys)
-    qk_lanes<kLanesKeys>(sT + j * W, mx, qT, k + j * a.k_ss, a.k_ss, E);
+    qk_lanes<kLanesKeys>(sT + j * W, mx, qT, k + j * a.k_ss, a.k_ss, a.E);
   if (j < bk)
     with_rows<kLanesKeys>(bk - j, [&](auto n) {
-      qk_lanes<decltype(n)::value>(sT + j * W, mx, qT, k + j * a.k_ss, a.k_ss, E);
+      qk_lanes<decltype(n)::value>(sT + j * W, mx, qT, k + j * a.k_ss, a.k_ss, a.E);
     });
-  if (cut || a.masks[0].kind != 0 || a.masks[1].kind != 0 || a.softcap > 0) {
-    // the soft cap, step 3, then the max again
-    const V ninf = vset1(-INFINITY);
-    if (a.softcap > 0) vec_softcap(sT, bk * W, a.softcap);
-    for (int mi = 0; mi < 2; ++mi)
-      if (per_key(a, a.masks[mi]))
-        mask_lanes(sT, a.masks[mi], rows[0].mask[mi], j0, bk);
-      else
-        mask_lanes_rows(sT, a.masks[mi], rows, mi, j0, bk);
-    if (cut) {  // then -inf outside each row's bounds, whatever a float mask added (softmax_row)
-      float first[W], final[W];  // per lane, relative to j0: exact in float whatever S is
-      for (int i = 0; i < W; ++i) {
-        first[i] = static_cast<float>(std::clamp<int64_t>(rows[i].lo - j0, -1, bk));
-        final[i] = static_cast<float>(std::clamp<int64_t>(rows[i].hi - 1 - j0, -1, bk));
-      }
-      const V vlo = vload(first), vlast = vload(final);
-      for (j = 0; j < bk; ++j) {
-        const V key = vset1(static_cast<float>(j));
-        const V s = vselect_nonneg(vsub(key, vlo), vload(sT + j * W), ninf);
-        vstore(sT + j * W, vselect_nonneg(vsub(vlast, key), s, ninf));
-      }
-    }
-    mx = ninf;
-    for (j = 0; j < bk; ++j) mx = vmax(mx, vload(sT + j * W));
-  }
-  // m starts at -FLT_MAX, not -inf: a row with no visible key so far keeps m' = -FLT_MAX, so
-  // exp(m - m') = 1 and P = exp(-inf - m') = 0 with no special case, and l stays 0.
-  const V m_old = vload(m), m_new = vmax(m_old, mx), alpha = vexp_softmax(vsub(m_old, m_new));
+  return mx;
+}
+// and oT (Ev × W) = oT · alpha + P · v with P = exp(sT - m) (written over sT), sum += Σ P.
+void lanes_pv(const AttnArgs& a, const KeyBlocks<float>& kb, float* oT, V alpha, float* sT,
+              int64_t j0, int64_t bk, V m, V& sum, const Scratch&) {
+  const int64_t Ev = a.Ev;
+  const float* v = kb.v + j0 * a.v_ss;
   // oT in register tiles of near-equal height, at most kLanesOut dims each; the first takes the
   // exps P = exp(sT - m') and their sum.
-  V sum = vzero();
-  const float* v = kb.v + j0 * a.v_ss;
   const int64_t tiles = (Ev + kLanesOut - 1) / kLanesOut;
   for (int64_t e0 = 0, t = 0; t < tiles; ++t) {
     const int64_t ne = (Ev - e0) / (tiles - t);
     with_rows<kLanesOut>(ne, [&](auto n) {
       constexpr int NE = decltype(n)::value;
       if (t == 0)
-        pv_lanes<NE, true>(oT + e0 * W, alpha, sT, v + e0, a.v_ss, bk, m_new, sum);
+        pv_lanes<NE, true>(oT + e0 * W, alpha, sT, v + e0, a.v_ss, bk, m, sum);
       else
-        pv_lanes<NE, false>(oT + e0 * W, alpha, sT, v + e0, a.v_ss, bk, m_new, sum);
+        pv_lanes<NE, false>(oT + e0 * W, alpha, sT, v + e0, a.v_ss, bk, m, sum);
     });
     e0 += ne;
   }
+}
+// Nothing to prepare per block of float32 keys (k and v are read where they lie), and the
+// queries go to qT (E × W) as they are.
+void lanes_prepare(const AttnArgs&, const KeyBlocks<float>&, int64_t, int64_t, const Scratch&) {}
+void lanes_queries(const KeyBlocks<float>&, float* qT, const Row* rows, int64_t E, float scale) {
+  rows_to_lanes(qT, rows, E, scale);
+}
+int64_t lanes_query_floats(const KeyBlocks<float>&, int64_t E) { return E * W; }
+
+#if defined(__AVX512BF16__)
+// ---------------------------------------------------------------------------------------------
+// The lanes path on bfloat16 k and v (AVX512-BF16), both products on vdpbf16ps, which takes 16
+// pairs of bfloat16 from each operand and adds both products of each pair to a float32 lane:
+// twice an FMA's work per instruction (on Zen 4 at the FMA's rate, fma_peak.c).
+//   Q·Kᵀ: qP (E/2 pairs × W) holds the rows' q times scale rounded to bfloat16: lane i of
+//         vector e holds dims (2e, 2e + 1) of row i. k is read where it lies, each pair of dims
+//         of a key broadcast to every lane.
+//   P·V:  P of keys (2j, 2j + 1) rounded to bfloat16 as one vector of pairs pP[j] (row i in lane
+//         i), against vP, the block's v with the rows of keys 2j and 2j + 1 interleaved: the pair
+//         (v[2j][e], v[2j + 1][e]) broadcast.
+// Scores, softmax and sums stay float32; only the operands of the two products are rounded,
+// as torch's bfloat16 SDPA rounds them too. An odd E or block length gets a zero pair half.
+constexpr bool kLanesBf16 = true;
+
+inline V vdp(V acc, __m512i a, __m512i b) {
+  return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+}
+// The pair of bfloat16 at p (32 bits) in every lane.
+inline __m512i vpair_set1(const bf16_t* p) {
+  uint32_t u;
+  std::memcpy(&u, p, sizeof u);
+  return _mm512_set1_epi32(static_cast<int>(u));
+}
+// Lane i holds (a[i], b[i]) rounded to bfloat16 (to nearest even), a in the low half.
+inline __m512i vpairs(V a, V b) {
+  alignas(64) static constexpr uint16_t kInterleave[32] = {
+      0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  return _mm512_permutexvar_epi16(_mm512_load_si512(kInterleave),
+                                  (__m512i)_mm512_cvtne2ps_pbh(b, a));  // a low, b high
+}
+
+// The same pairs for P (values in [0, 1]) in four integer operations: rounded to nearest with
+// ties away from zero rather than to even (an exact tie is rare and its bias nil). In a profile
+// of E = 12 on Zen 4, vcvtne2ps2bf16 and the word shuffle took a third of the time.
+inline __m512i vpairs_p(V a, V b) {
+  const __m512i half = _mm512_set1_epi32(0x8000), high = _mm512_set1_epi32(-65536);
+  const __m512i ra = _mm512_add_epi32(_mm512_castps_si512(a), half);
+  const __m512i rb = _mm512_add_epi32(_mm512_castps_si512(b), half);
+  return _mm512_or_si512(_mm512_and_si512(rb, high), _mm512_srli_epi32(ra, 16));
+}
+
+// qP ((E + 1) / 2 × W pairs) = the q of W rows times scale, as pairs of dims, one row a lane.
+void rows_to_pairs(uint32_t* qP, const Row* rows, int64_t E, float scale) {
+  int64_t e = 0;
+  for (; e + W <= E; e += W) {  // W dims through registers (vtranspose), then W / 2 pairs
+    V r[W];
+    for (int i = 0; i < W; ++i) r[i] = vmul(vload(rows[i].q + e), vset1(scale));
+    vtranspose(r);
+    for (int i = 0; i < W; i += 2) _mm512_storeu_si512(qP + (e + i) / 2 * W, vpairs(r[i], r[i + 1]));
+  }
+  for (; e < E; e += 2) {
+    float lo[W], hi[W];
+    for (int i = 0; i < W; ++i) {
+      lo[i] = rows[i].q[e] * scale;
+      hi[i] = e + 1 < E ? rows[i].q[e + 1] * scale : 0.0f;
+    }
+    _mm512_storeu_si512(qP + e / 2 * W, vpairs(vload(lo), vload(hi)));
+  }
+}
+
+// sT (NJ × W) = qP · kᵀ for NJ keys (rows of k, k_ss apart); mx becomes the lane-wise max.
+template <int NJ>
+void qk_lanes_bf16(float* sT, V& mx, const uint32_t* qP, const bf16_t* k, int64_t k_ss,
+                   int64_t E) {
+  V acc[NJ];
+#pragma GCC unroll 8
+  for (int c = 0; c < NJ; ++c) acc[c] = vzero();
+  for (int64_t e = 0; e < E; e += 2) {
+    const __m512i q = _mm512_loadu_si512(qP + e / 2 * W);
+    if (e + 1 < E) {
+#pragma GCC unroll 8
+      for (int c = 0; c < NJ; ++c) acc[c] = vdp(acc[c], q, vpair_set1(k + c * k_ss + e));
+    } else {  // the last of an odd E, paired with a zero
+#pragma GCC unroll 8
+      for (int c = 0; c < NJ; ++c) acc[c] = vdp(acc[c], q, _mm512_set1_epi32(k[c * k_ss + e].bits));
+    }
+  }
+  V m = mx;  // a local: mx could alias sT (vector types may alias float), which would keep it
+             // in memory, each vmax waiting for the store before it
+  for (int c = 0; c < NJ; ++c) {
+    vstore(sT + c * W, acc[c]);
+    m = vmax(m, acc[c]);
+  }
+  mx = m;
+}
+
+// oT (NE × W) = oT · alpha + Σ_j pP[j] · vP[j][e] over the (bk + 1) / 2 pairs of keys, for NE
+// dims of v (vP rows Ev apart). With Exp, pP is made here from the scores sT (bk × W):
+// pP[j] = the pair (exp(sT[2j] - m), exp(sT[2j + 1] - m)), summed into sum in float32, kExpAhead
+// keys ahead of the products that read it (pv_lanes).
+template <int NE, bool Exp>
+void pv_lanes_bf16(float* oT, V alpha, const float* sT, uint32_t* pP, const uint32_t* vP,
+                   int64_t Ev, int64_t bk, V m, V& sum) {
+  const int64_t pairs = (bk + 1) / 2, ahead = kExpAhead / 2;
+  V total = sum;
+  auto exp_pair = [&](int64_t j) {
+    const V p0 = vexp_softmax(vsub(vload(sT + 2 * j * W), m));
+    const V p1 = 2 * j + 1 < bk ? vexp_softmax(vsub(vload(sT + (2 * j + 1) * W), m)) : vzero();
+    total = vadd(total, vadd(p0, p1));
+    _mm512_storeu_si512(pP + j * W, vpairs_p(p0, p1));
+  };
+  if constexpr (Exp)
+    for (int64_t j = 0; j < std::min(ahead, pairs); ++j) exp_pair(j);
+  V acc[NE];
+  for (int e = 0; e < NE; ++e) acc[e] = vmul(vload(oT + e * W), alpha);
+  for (int64_t j = 0; j < pairs; ++j) {
+    if constexpr (Exp)
+      if (j + ahead < pairs) exp_pair(j + ahead);
+    const __m512i p = _mm512_loadu_si512(pP + j * W);
+    const uint32_t* vj = vP + j * Ev;
+    for (int e = 0; e < NE; ++e)
+      acc[e] = vdp(acc[e], p, _mm512_set1_epi32(static_cast<int>(vj[e])));
+  }
+  for (int e = 0; e < NE; ++e) vstore(oT + e * W, acc[e]);
+  sum = total;
+}
+
+// vP ((bk + 1) / 2 × Ev) = v of keys [j0, j0 + bk) in pairs of keys: (v[2j][e], v[2j + 1][e])
+// at vP[j·Ev + e], the key past an odd bk zero. Into t.vp, once per block for every group of
+// rows of the tile.
+void lanes_prepare(const AttnArgs& a, const KeyBlocks<bf16_t>& kb, int64_t j0, int64_t bk,
+                   const Scratch& t) {
+  const int64_t Ev = a.Ev;
+  auto* vP = reinterpret_cast<uint32_t*>(t.vp);
+  for (int64_t j = 0; j < bk; j += 2) {
+    const auto* r0 = reinterpret_cast<const uint16_t*>(kb.v + (j0 + j) * a.v_ss);
+    const auto* r1 = j + 1 < bk ? r0 + a.v_ss : nullptr;
+    uint32_t* dst = vP + j / 2 * Ev;
+    int64_t e = 0;
+    if (r1)
+      for (; e + W <= Ev; e += W) {
+        const __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(r0 + e)));
+        const __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)(r1 + e)));
+        _mm512_storeu_si512(dst + e, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+      }
+    for (; e < Ev; ++e) dst[e] = r0[e] | (r1 ? static_cast<uint32_t>(r1[e]) << 16 : 0u);
+  }
+}
+void lanes_queries(const KeyBlocks<bf16_t>&, float* qs, const Row* rows, int64_t E, float scale) {
+  rows_to_pairs(reinterpret_cast<uint32_t*>(qs), rows, E, scale);
+}
+int64_t lanes_query_floats(const KeyBlocks<bf16_t>&, int64_t E) { return (E + 1) / 2 * W; }
+
+V lanes_qk(const AttnArgs& a, const KeyBlocks<bf16_t>& kb, const float* qs, float* sT,
+           int64_t j0, int64_t bk, const Scratch&) {
+  const auto* qP = reinterpret_cast<const uint32_t*>(qs);
+  const bf16_t* k = kb.k + j0 * a.k_ss;
+  V mx = vset1(-INFINITY);
+  int64_t j = 0;
+  for (; j + kLanesKeys <= bk; j += kLanesKeys)
+    qk_lanes_bf16<kLanesKeys>(sT + j * W, mx, qP, k + j * a.k_ss, a.k_ss, a.E);
+  if (j < bk)
+    with_rows<kLanesKeys>(bk - j, [&](auto n) {
+      qk_lanes_bf16<decltype(n)::value>(sT + j * W, mx, qP, k + j * a.k_ss, a.k_ss, a.E);
+    });
+  return mx;
+}
+void lanes_pv(const AttnArgs& a, const KeyBlocks<bf16_t>&, float* oT, V alpha, float* sT,
+              int64_t, int64_t bk, V m, V& sum, const Scratch& t) {
+  const int64_t Ev = a.Ev;
+  auto* pP = reinterpret_cast<uint32_t*>(t.kt);
+  const auto* vP = reinterpret_cast<const uint32_t*>(t.vp);
+  const int64_t tiles = (Ev + kLanesOut - 1) / kLanesOut;
+  for (int64_t e0 = 0, i = 0; i < tiles; ++i) {
+    const int64_t ne = (Ev - e0) / (tiles - i);
+    with_rows<kLanesOut>(ne, [&](auto n) {
+      constexpr int NE = decltype(n)::value;
+      if (i == 0)
+        pv_lanes_bf16<NE, true>(oT + e0 * W, alpha, sT, pP, vP + e0, Ev, bk, m, sum);
+      else
+        pv_lanes_bf16<NE, false>(oT + e0 * W, alpha, sT, pP, vP + e0, Ev, bk, m, sum);
+    });
+    e0 += ne;
+  }
+}
+#else
+constexpr bool kLanesBf16 = false;
+#endif
+
+// One block of keys [j0, j0 + bk) for a group of W rows: sT = q · kᵀ; step 3 when `cut` (some
+// row does not see every key of the block) or there are masks; the softmax update of m, l and
+// oT (W lanes each; oT is Ev × W); oT += P · v. qs holds the group's queries (lanes_queries).
+template <class KT>
+void lanes_block(const AttnArgs& a, const KeyBlocks<KT>& kb, const Row* rows, int64_t j0,
+                 int64_t bk, bool cut, const float* qs, float* m, float* l, float* oT,
+                 const Scratch& t) {
+  float* sT = t.s;
+  V mx = lanes_qk(a, kb, qs, sT, j0, bk, t);
+  if (cut || a.masks[0].kind != 0 || a.masks[1].kind != 0 || a.softcap > 0)
+    mx = lanes_mask(a, rows, j0, bk, cut, sT);
+  // m starts at -FLT_MAX, not -inf: a row with no visible key so far keeps m' = -FLT_MAX, so
+  // exp(m - m') = 1 and P = exp(-inf - m') = 0 with no special case, and l stays 0.
+  const V m_old = vload(m), m_new = vmax(m_old, mx), alpha = vexp_softmax(vsub(m_old, m_new));
+  V sum = vzero();
+  lanes_pv(a, kb, oT, alpha, sT, j0, bk, m_new, sum, t);
   vstore(l, vfma(vload(l), alpha, sum));
   vstore(m, m_new);
 }
@@ -712,9 +928,10 @@ void lanes_block(const AttnArgs& a, const KeyBlocks<float>& kb, const Row* rows,
 // out of one task on the lanes path: batch b, kv head kvh, tile rows [r0, r0 + R) of the G·L
 // rows, in groups of W. A group's last lanes, past R, repeat the last row, and their results are
 // dropped. Each block of keys is visited once, for every group in turn, while it is in cache.
+template <class KT>
 void attend_tile_lanes(const AttnArgs& a, int64_t b, int64_t kvh, int64_t r0, int64_t R,
-                       const KeyBlocks<float>& kb, const Scratch& t) {
-  const int64_t E = a.E, Ev = a.Ev, groups = (R + W - 1) / W;
+                       const KeyBlocks<KT>& kb, const Scratch& t) {
+  const int64_t E = a.E, Ev = a.Ev, groups = (R + W - 1) / W, qn = lanes_query_floats(kb, E);
   Row rows[BQ_MAX];
   int64_t g_lo[BQ_MAX / W], g_hi[BQ_MAX / W];      // keys some row of the group sees
   int64_t lo_max[BQ_MAX / W], hi_min[BQ_MAX / W];  // keys every row of the group sees
@@ -731,7 +948,7 @@ void attend_tile_lanes(const AttnArgs& a, int64_t b, int64_t kvh, int64_t r0, in
         g_hi[g] = std::max(g_hi[g], r.hi);
       }
     }
-    rows_to_lanes(t.qs + g * E * W, rows + g * W, E, a.scale);
+    lanes_queries(kb, t.qs + g * qn, rows + g * W, E, a.scale);
     key_lo = std::min(key_lo, g_lo[g]);
     key_hi = std::max(key_hi, g_hi[g]);
     std::fill(t.m + g * W, t.m + (g + 1) * W, -FLT_MAX);
@@ -740,15 +957,23 @@ void attend_tile_lanes(const AttnArgs& a, int64_t b, int64_t kvh, int64_t r0, in
   }
   for (int64_t j0 = key_lo; j0 < key_hi; j0 += kLanesBlockKeys) {
     const int64_t bk = std::min(kLanesBlockKeys, key_hi - j0);
+    lanes_prepare(a, kb, j0, bk, t);
     for (int64_t g = 0; g < groups; ++g) {
       if (g_hi[g] <= j0 || g_lo[g] >= j0 + bk) continue;  // no row of the group sees the block
       lanes_block(a, kb, rows + g * W, j0, bk, lo_max[g] > j0 || hi_min[g] < j0 + bk,
-                  t.qs + g * E * W, t.s, t.m + g * W, t.l + g * W, t.o + g * Ev * W);
+                  t.qs + g * qn, t.m + g * W, t.l + g * W, t.o + g * Ev * W, t);
     }
   }
   for (int64_t g = 0; g < groups; ++g)
     lanes_to_rows(rows + g * W, std::min<int64_t>(W, R - g * W), t.o + g * Ev * W, t.l + g * W,
                   Ev);
+}
+
+// Whether Kernels::attention reads this call's k and v as they are: float32 always, 16 bits on
+// the direct path (decode) and, where the target has it, bfloat16 on the lanes path.
+bool reads_kv(const AttnArgs& a) {
+  if (a.kv_dt == DType::f32 || a.Hkv == 0 || a.Hq / a.Hkv * a.L <= kDirectRows) return true;
+  return kLanesPath && kLanesBf16 && a.kv_dt == DType::bf16 && !a.weights;
 }
 
 template <class KT>
@@ -758,7 +983,9 @@ void attention_typed(const AttnArgs& a) {
   // A tile of at most kDirectRows rows (decode: L = 1 times the GQA group) reads k and v in
   // place: each key meets so few queries that packing it would cost more than it saves. Its
   // blocks need not fit L1 and are longer, so the per-block softmax bookkeeping is rarer.
-  const bool direct = !std::is_same_v<KT, float> || G * a.L <= kDirectRows;  // (16-bit: always)
+  // A 16-bit k and v of more rows than that arrive only where reads_kv says the lanes path
+  // reads them (bfloat16 on AVX512-BF16); mhattn::attention widens them otherwise.
+  const bool direct = G * a.L <= kDirectRows || !reads_kv(a);
   // The lanes path (above) unless there are weights to write.
   const bool lanes = kLanesPath && !direct && !a.weights;
   const int64_t evp = round_up(a.Ev, W);
@@ -834,14 +1061,18 @@ void attention_typed(const AttnArgs& a) {
       const Tile tl = tile_of(job / splits);
       Scratch t;
       t.qs = thread_scratch(0, bq * a.E);
-      t.kt = lanes ? nullptr : thread_scratch(1, a.E * round_up(bk_max, KP));
-      t.vp = lanes ? nullptr : thread_scratch(2, bk_max * evp);
+      // The bfloat16 lanes path keeps its pairs of P in kt and of v in vp (lanes_prepare).
+      const bool pairs = lanes && !std::is_same_v<KT, float>;
+      t.kt = lanes && !pairs ? nullptr
+                             : thread_scratch(1, pairs ? (bk_max + 1) / 2 * W : a.E * round_up(bk_max, KP));
+      t.vp = lanes && !pairs ? nullptr
+                             : thread_scratch(2, pairs ? (bk_max + 1) / 2 * a.Ev : bk_max * evp);
       t.s = thread_scratch(3, lanes ? W * bk_max : RM * round_up(bk_max, KP));
       t.o = thread_scratch(4, bq * evp);
       t.m = thread_scratch(5, bq);
       t.l = thread_scratch(6, bq);
       const Partial part = splits > 1 ? partial_of(job) : Partial{};
-      if constexpr (std::is_same_v<KT, float>)
+      if constexpr (std::is_same_v<KT, float> || (kLanesBf16 && std::is_same_v<KT, bf16_t>))
         if (lanes) {
           attend_tile_lanes(a, tl.b, tl.kvh, tl.r0, tl.R, head_blocks(tl.b, tl.kvh), t);
           continue;
@@ -863,6 +1094,8 @@ void attention_typed(const AttnArgs& a) {
 }
 
 }  // namespace
+
+bool attention_reads(const AttnArgs& a) { return reads_kv(a); }
 
 void attention(const AttnArgs& a) {
   if (a.B == 0 || a.Hq == 0 || a.L == 0 || a.Ev == 0) return;

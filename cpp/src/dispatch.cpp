@@ -51,7 +51,11 @@ bool cpu_has_avx512f() {
 #if defined(MHATTN_HAVE_AVX512BF16)
 bool cpu_has_avx512bf16() {
   unsigned a, b, c, d;
-  if (!cpu_has_avx512f() || !__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+  // AVX512BW too (CPUID.(7, 0):EBX bit 30), for the word shuffles of the bfloat16 kernels:
+  // every CPU with AVX512_BF16 has it.
+  if (!cpu_has_avx512f() || !__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(b & (1u << 30)))
+    return false;
+  if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
   return a & (1u << 5);  // CPUID.(7, 1):EAX bit 5, AVX512_BF16
 }
 #endif

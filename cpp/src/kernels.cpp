@@ -28,13 +28,14 @@ void softmax(float* out, const float* x, int64_t rows, int64_t n, int64_t ld);
 void vexp_array(float* out, const float* x, int64_t n, bool softmax);
 // attention.cpp
 void attention(const AttnArgs& args);
+bool attention_reads(const AttnArgs& args);
 // peak.cpp
 double peak_flops(int64_t iters, bool bf16);
 
 const Kernels* kernels() {
   static const Kernels table = {MHATTN_STR(MHATTN_TARGET), panel_width(), b_layout,
                                 packed_size, pack_b, gemm, gemm_raw, to_half, to_float, softmax, attention,
-                                vexp_array, peak_flops};
+                                attention_reads, vexp_array, peak_flops};
   return &table;
 }
 

@@ -46,8 +46,7 @@ void widen(const Kernels& k, float* dst, const void* src, DType dt, int64_t B, i
 
 void attention(const AttnArgs& a) {
   const Kernels& k = kernels();
-  if (a.kv_dt == DType::f32 || a.Hkv == 0 || a.Hq / a.Hkv * a.L <= kAttentionDirectRows)
-    return k.attention(a);
+  if (k.attention_reads(a)) return k.attention(a);
   float* kf = widen_scratch(0, a.B * a.Hkv * a.S * a.E);
   float* vf = widen_scratch(1, a.B * a.Hkv * a.S * a.Ev);
   widen(k, kf, a.k, a.kv_dt, a.B, a.Hkv, a.S, a.E, a.k_sb, a.k_sh, a.k_ss);

@@ -77,8 +77,8 @@ struct MaskArg {
 // out (B, Hq, L, Ev) = softmax(scale * q kᵀ + masks) v, head h reading kv head h / (Hq / Hkv).
 // q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), out: all with the last axis contiguous,
 // the other strides free. q and out are float32; k and v are of kv_dt, and a 16-bit kv_dt is
-// read in place by Kernels::attention only when Hq / Hkv · L <= kAttentionDirectRows (decode);
-// mhattn::attention widens it first otherwise. weights (B, Hq, L, S) contiguous and
+// read in place by Kernels::attention only where Kernels::attention_reads says so (decode, and
+// bfloat16 on AVX512-BF16 without weights); mhattn::attention widens it first otherwise. weights (B, Hq, L, S) contiguous and
 // zero-filled, or null.
 // Key j is visible to query l when the masks allow it and, with p = l + diag_offset,
 //   causal: j <= p;   window > 0: j > p - window (and j < p + window when not causal).
@@ -135,6 +135,9 @@ struct Kernels {
   // out = softmax(x) over each row of n; rows apart by ld in both. out may equal x.
   void (*softmax)(float* out, const float* x, int64_t rows, int64_t n, int64_t ld);
   void (*attention)(const AttnArgs& args);
+  // Whether attention reads this call's 16-bit k and v as they are (else they must be float32):
+  // the direct path's few rows, and bfloat16 where the target has a bfloat16 lanes path.
+  bool (*attention_reads)(const AttnArgs& args);
   // out[i] = exp(x[i]) with the kernels' vector exp, or the softmax's (vexp_softmax, for
   // x <= 0) when `softmax`; for testing their accuracy.
   void (*vexp)(float* out, const float* x, int64_t n, bool softmax);
@@ -198,7 +201,7 @@ float* widen_scratch(int slot, int64_t n);
 double read_memory(const float* x, int64_t n);
 
 // mha.cpp: attention on the active kernels, a 16-bit k and v widened to float32 first where the
-// kernel reads float32 (every tile but a decode step's).
+// kernel reads float32 (Kernels::attention_reads).
 void attention(const AttnArgs& a);
 // mha.cpp: the multi-head attention forward, projections included.
 struct Projection {
