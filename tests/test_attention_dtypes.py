@@ -67,6 +67,23 @@ def test_bfloat16_tiles_on_every_path(isa, rng, Hq, Hkv, L, S, E, Ev):
     assert_close(got, ref.scaled_dot_product_attention(q, k, v, enable_gqa=Hq != Hkv),
                  "attention", BF16)
 
+
+@pytest.mark.parametrize("dtype", HALF, ids=IDS)
+@pytest.mark.parametrize("Hq,L", [(1, 1), (4, 1), (2, 2), (2, 40)])
+def test_half_keys_and_values_are_read_within_their_dims(isa, rng, dtype, Hq, L):
+    # k and v as views of rows with NaN past E and Ev: a kernel that read past a row's last dim
+    # (a whole vector where a masked one is due) would turn the result to NaN.
+    E, Ev, S = 40, 20, 70
+    q = rng.standard_normal((1, Hq, L, E)).astype(dtype)
+    kbig = np.full((1, 1, S, E + 24), np.nan, dtype)
+    vbig = np.full((1, 1, S, Ev + 24), np.nan, dtype)
+    kbig[..., :E] = rng.standard_normal((1, 1, S, E))
+    vbig[..., :Ev] = rng.standard_normal((1, 1, S, Ev))
+    k, v = kbig[..., :E], vbig[..., :Ev]
+    got = mhattn.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    want = ref.scaled_dot_product_attention(q, k.copy(), v.copy(), enable_gqa=True)
+    assert_close(got, want, "attention", dtype)
+
 def test_fully_masked_rows_and_empty_lengths_in_half(rng):
     q, k, v = qkv(rng, BF16, 1, 2, 2, 1, 20, 16)
     got = mhattn.scaled_dot_product_attention(q, k, v, attn_mask=np.zeros((1, 20), bool))

@@ -69,6 +69,49 @@ constexpr int64_t kPrepackTiles = 16;
 // E = 128, far more than the merge costs).
 constexpr int64_t kSplitTasksPerThread = 4;
 constexpr int64_t kSplitMinKeys = 512;
+// bfloat16 on AVX512-BF16: vdpbf16ps takes 16 pairs of bfloat16 from each operand and adds
+// both products of each pair to a float32 lane, twice an FMA's work per instruction (on Zen 4
+// at the FMA's rate, fma_peak.c). The lanes path (below attend_tile_lanes) and the direct path's
+// Q·Kᵀ (qk_direct_pairs) use it on a bfloat16 k and v as they lie.
+#if defined(__AVX512BF16__)
+constexpr bool kBf16Dot = true;
+
+inline V vdp(V acc, __m512i a, __m512i b) {
+  return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
+}
+// The pair of bfloat16 at p (32 bits) in every lane.
+inline __m512i vpair_set1(const bf16_t* p) {
+  uint32_t u;
+  std::memcpy(&u, p, sizeof u);
+  return _mm512_set1_epi32(static_cast<int>(u));
+}
+// Lane i holds (a[i], b[i]) rounded to bfloat16 (to nearest even), a in the low half.
+inline __m512i vpairs(V a, V b) {
+  alignas(64) static constexpr uint16_t kInterleave[32] = {
+      0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  return _mm512_permutexvar_epi16(_mm512_load_si512(kInterleave),
+                                  (__m512i)_mm512_cvtne2ps_pbh(b, a));  // a low, b high
+}
+
+// The same pairs for P (values in [0, 1]) in four integer operations: rounded to nearest with
+// ties away from zero rather than to even (an exact tie is rare and its bias nil). In a profile
+// of E = 12 on Zen 4, vcvtne2ps2bf16 and the word shuffle took a third of the time.
+inline __m512i vpairs_p(V a, V b) {
+  const __m512i half = _mm512_set1_epi32(0x8000), high = _mm512_set1_epi32(-65536);
+  const __m512i ra = _mm512_add_epi32(_mm512_castps_si512(a), half);
+  const __m512i rb = _mm512_add_epi32(_mm512_castps_si512(b), half);
+  return _mm512_or_si512(_mm512_and_si512(rb, high), _mm512_srli_epi32(ra, 16));
+}
+
+// The first n lanes (all for n >= W, none for n <= 0).
+inline __mmask16 lanes_below(int64_t n) {
+  return n >= W ? __mmask16(0xFFFF) : n <= 0 ? __mmask16(0) : __mmask16((1u << n) - 1);
+}
+#else
+constexpr bool kBf16Dot = false;
+#endif
+
 // Keys per block: kt and vp (bk × (E + evp) floats) fill about 128 KB of the 1 MB L2 while the
 // tile's rows use them (each register tile's panels are contiguous, so L2 streams them well);
 // at least 64 keys (shorter blocks spend more on the per-block softmax bookkeeping; measured
@@ -186,6 +229,88 @@ void qk_direct(int64_t R, float* s, int64_t lds, const float* qs, const KT* k, i
       s[i * lds + j] = d;
     }
 }
+
+#if defined(__AVX512BF16__)
+// qb (R × round_up(E, 32), rows apart by ldq) = qs (R × E) rounded to bfloat16, zero past E:
+// the rows' q as qk_direct_pairs reads them, in natural order (a pair is two adjacent dims).
+void rows_to_bf16(bf16_t* qb, int64_t ldq, const float* qs, int64_t R, int64_t E) {
+  for (int64_t i = 0; i < R; ++i)
+    for (int64_t e = 0; e < ldq; e += 2 * W) {
+      const __mmask16 lo = lanes_below(E - e), hi = lanes_below(E - e - W);
+      const V a = _mm512_maskz_loadu_ps(lo, qs + i * E + e);
+      const V b = _mm512_maskz_loadu_ps(hi, qs + i * E + e + W);
+      _mm512_storeu_si512(qb + i * ldq + e, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+    }
+}
+
+// s (R × bk, rows apart by lds) = qb · kᵀ for a bfloat16 k on the direct path (R ≤ 4 rows):
+// each vdpbf16ps multiplies 32 dims of a key, read where it lies, by 32 of a row of qb
+// (rows_to_bf16), with no widening. Keys go KG = W / R at a time, so that the R·KG sums of a
+// group fill one W × W transpose (as in qk_direct) and each load of a key serves all R rows.
+// A key's last dims are loaded under a mask.
+template <int R, bool Full>
+void qk_direct_pairs_group(float* s, int64_t lds, const bf16_t* qb, int64_t ldq,
+                           const bf16_t* k, int64_t k_ss, int64_t n, int64_t E) {
+  constexpr int KG = W / R;
+  V acc[W];
+#pragma GCC unroll 16
+  for (int u = 0; u < W; ++u) acc[u] = vzero();
+  const int64_t E32 = E / (2 * W) * (2 * W);
+  const __mmask32 tail = (__mmask32{1} << (E - E32)) - 1;  // E - E32 < 32
+  if constexpr (R == 1) {
+    // One row: key by key, each read in address order. (Dims outer, as below, ran at half the
+    // bandwidth here on a cache too big for L3.)
+#pragma GCC unroll 16
+    for (int c = 0; c < KG; ++c) {
+      if (!Full && c >= n) break;
+      const bf16_t* kc = k + c * k_ss;
+      for (int64_t e = 0; e < E32; e += 2 * W)
+        acc[c] = vdp(acc[c], _mm512_loadu_si512(qb + e), _mm512_loadu_si512(kc + e));
+      if (E32 < E)
+        acc[c] = vdp(acc[c], _mm512_loadu_si512(qb + E32), _mm512_maskz_loadu_epi16(tail, kc + E32));
+    }
+  } else {
+    // Several rows: 32 dims of every key of the group at a time, so that R·KG independent
+    // accumulators take turns.
+    for (int64_t e = 0; e < E; e += 2 * W) {
+#pragma GCC unroll 16
+      for (int c = 0; c < KG; ++c) {
+        if (!Full && c >= n) break;
+        const __m512i kv = e < E32 ? _mm512_loadu_si512(k + c * k_ss + e)
+                                   : _mm512_maskz_loadu_epi16(tail, k + c * k_ss + e);
+#pragma GCC unroll 4
+        for (int i = 0; i < R; ++i)
+          acc[i * KG + c] = vdp(acc[i * KG + c], _mm512_loadu_si512(qb + i * ldq + e), kv);
+      }
+    }
+  }
+  V r[W];  // a copy for the transpose: acc, never addressed, stays in registers in the loops
+#pragma GCC unroll 16
+  for (int u = 0; u < W; ++u) r[u] = acc[u];
+  vtranspose(r);  // lane u of every vector: sum u = (row u / KG, key u % KG), in parts
+  V dot = r[0];
+  for (int u = 1; u < W; ++u) dot = vadd(dot, r[u]);
+  float d[W];
+  vstore(d, dot);
+  for (int i = 0; i < R; ++i)
+    for (int64_t c = 0; c < (Full ? KG : n); ++c) s[i * lds + c] = d[i * KG + c];
+}
+template <int R>
+void qk_direct_pairs_rows(float* s, int64_t lds, const bf16_t* qb, int64_t ldq, const bf16_t* k,
+                          int64_t k_ss, int64_t bk, int64_t E) {
+  constexpr int KG = W / R;
+  int64_t j = 0;
+  for (; j + KG <= bk; j += KG)
+    qk_direct_pairs_group<R, true>(s + j, lds, qb, ldq, k + j * k_ss, k_ss, KG, E);
+  if (j < bk) qk_direct_pairs_group<R, false>(s + j, lds, qb, ldq, k + j * k_ss, k_ss, bk - j, E);
+}
+void qk_direct_pairs(int64_t R, float* s, int64_t lds, const bf16_t* qb, int64_t ldq,
+                     const bf16_t* k, int64_t k_ss, int64_t bk, int64_t E) {
+  with_rows<kDirectRows>(R, [&](auto r) {
+    qk_direct_pairs_rows<decltype(r)::value>(s, lds, qb, ldq, k, k_ss, bk, E);
+  });
+}
+#endif
 
 // o (R × evp) += p (R × bk, rows apart by ldp) · v (bk × evp), for any R ≤ RM. v is either
 // the packed block (ldv = 0: panels of KP dims, panel c / KP at v + c·bk, the last W wide when
@@ -412,9 +537,16 @@ void run_blocks(Pass pass, const AttnArgs& a, const Row* rows, int64_t R,
       const int64_t rr = std::min<int64_t>(RM, R - i0);
       // 2. S = qs · kt for these rows.
       float s_max[RM];
-      if (kb.direct)
-        qk_direct(rr, t.s, bkp, t.qs + i0 * E, kb.k + j0 * a.k_ss, a.k_ss, bk, E);
-      else
+      if (kb.direct) {
+#if defined(__AVX512BF16__)
+        if constexpr (std::is_same_v<KT, bf16_t>) {  // q in bfloat16 (attend_tile), in t.kt
+          const int64_t ldq = round_up(E, 2 * W);
+          qk_direct_pairs(rr, t.s, bkp, reinterpret_cast<const bf16_t*>(t.kt) + i0 * ldq, ldq,
+                          kb.k + j0 * a.k_ss, a.k_ss, bk, E);
+        } else
+#endif
+          qk_direct(rr, t.s, bkp, t.qs + i0 * E, kb.k + j0 * a.k_ss, a.k_ss, bk, E);
+      } else
         qk(rr, t.s, s_max, t.qs + i0 * E, kt, bkp, E);
       // 3, 4.
       for (int64_t i = 0; i < rr; ++i)
@@ -448,6 +580,10 @@ void attend_tile(const AttnArgs& a, int64_t b, int64_t kvh, int64_t r0, int64_t 
     t.l[i] = 0.0f;
     std::fill(t.o + i * evp, t.o + (i + 1) * evp, 0.0f);
   }
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<KT, bf16_t>)  // the direct path's Q·Kᵀ (qk_direct_pairs)
+    if (kb.direct) rows_to_bf16(reinterpret_cast<bf16_t*>(t.kt), round_up(E, 2 * W), t.qs, R, E);
+#endif
   if (a.weights) {
     run_blocks(Pass::Stats, a, rows, R, kb, key_lo, key_hi, t);
     for (int64_t i = 0; i < R; ++i) t.l[i] = recip_or_zero(t.l[i]);
@@ -726,9 +862,7 @@ int64_t lanes_query_floats(const KeyBlocks<float>&, int64_t E) { return E * W; }
 
 #if defined(__AVX512BF16__)
 // ---------------------------------------------------------------------------------------------
-// The lanes path on bfloat16 k and v (AVX512-BF16), both products on vdpbf16ps, which takes 16
-// pairs of bfloat16 from each operand and adds both products of each pair to a float32 lane:
-// twice an FMA's work per instruction (on Zen 4 at the FMA's rate, fma_peak.c).
+// The lanes path on bfloat16 k and v (AVX512-BF16), both products on vdpbf16ps (kBf16Dot):
 //   Q·Kᵀ: qP (E/2 pairs × W) holds the rows' q times scale rounded to bfloat16: lane i of
 //         vector e holds dims (2e, 2e + 1) of row i. k is read where it lies, each pair of dims
 //         of a key broadcast to every lane.
@@ -737,35 +871,6 @@ int64_t lanes_query_floats(const KeyBlocks<float>&, int64_t E) { return E * W; }
 //         (v[2j][e], v[2j + 1][e]) broadcast.
 // Scores, softmax and sums stay float32; only the operands of the two products are rounded,
 // as torch's bfloat16 SDPA rounds them too. An odd E or block length gets a zero pair half.
-constexpr bool kLanesBf16 = true;
-
-inline V vdp(V acc, __m512i a, __m512i b) {
-  return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b);
-}
-// The pair of bfloat16 at p (32 bits) in every lane.
-inline __m512i vpair_set1(const bf16_t* p) {
-  uint32_t u;
-  std::memcpy(&u, p, sizeof u);
-  return _mm512_set1_epi32(static_cast<int>(u));
-}
-// Lane i holds (a[i], b[i]) rounded to bfloat16 (to nearest even), a in the low half.
-inline __m512i vpairs(V a, V b) {
-  alignas(64) static constexpr uint16_t kInterleave[32] = {
-      0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  return _mm512_permutexvar_epi16(_mm512_load_si512(kInterleave),
-                                  (__m512i)_mm512_cvtne2ps_pbh(b, a));  // a low, b high
-}
-
-// The same pairs for P (values in [0, 1]) in four integer operations: rounded to nearest with
-// ties away from zero rather than to even (an exact tie is rare and its bias nil). In a profile
-// of E = 12 on Zen 4, vcvtne2ps2bf16 and the word shuffle took a third of the time.
-inline __m512i vpairs_p(V a, V b) {
-  const __m512i half = _mm512_set1_epi32(0x8000), high = _mm512_set1_epi32(-65536);
-  const __m512i ra = _mm512_add_epi32(_mm512_castps_si512(a), half);
-  const __m512i rb = _mm512_add_epi32(_mm512_castps_si512(b), half);
-  return _mm512_or_si512(_mm512_and_si512(rb, high), _mm512_srli_epi32(ra, 16));
-}
 
 // qP ((E + 1) / 2 × W pairs) = the q of W rows times scale, as pairs of dims, one row a lane.
 void rows_to_pairs(uint32_t* qP, const Row* rows, int64_t E, float scale) {
@@ -901,9 +1006,7 @@ void lanes_pv(const AttnArgs& a, const KeyBlocks<bf16_t>&, float* oT, V alpha, f
     e0 += ne;
   }
 }
-#else
-constexpr bool kLanesBf16 = false;
-#endif
+#endif  // __AVX512BF16__
 
 // One block of keys [j0, j0 + bk) for a group of W rows: sT = q · kᵀ; step 3 when `cut` (some
 // row does not see every key of the block) or there are masks; the softmax update of m, l and
@@ -973,7 +1076,7 @@ void attend_tile_lanes(const AttnArgs& a, int64_t b, int64_t kvh, int64_t r0, in
 // the direct path (decode) and, where the target has it, bfloat16 on the lanes path.
 bool reads_kv(const AttnArgs& a) {
   if (a.kv_dt == DType::f32 || a.Hkv == 0 || a.Hq / a.Hkv * a.L <= kDirectRows) return true;
-  return kLanesPath && kLanesBf16 && a.kv_dt == DType::bf16 && !a.weights;
+  return kLanesPath && kBf16Dot && a.kv_dt == DType::bf16 && !a.weights;
 }
 
 template <class KT>
@@ -1072,7 +1175,7 @@ void attention_typed(const AttnArgs& a) {
       t.m = thread_scratch(5, bq);
       t.l = thread_scratch(6, bq);
       const Partial part = splits > 1 ? partial_of(job) : Partial{};
-      if constexpr (std::is_same_v<KT, float> || (kLanesBf16 && std::is_same_v<KT, bf16_t>))
+      if constexpr (std::is_same_v<KT, float> || (kBf16Dot && std::is_same_v<KT, bf16_t>))
         if (lanes) {
           attend_tile_lanes(a, tl.b, tl.kvh, tl.r0, tl.R, head_blocks(tl.b, tl.kvh), t);
           continue;
