@@ -4,10 +4,11 @@ The decoder's weights come from a transformers GPT2LMHeadModel: a real checkpoin
 one, or, as here and in the tests, a small model built from a random config (nothing is
 downloaded). The prompt goes through in one chunk; then each step feeds one token, and the
 attention reads the keys and values of every earlier token from mhattn.KVCache. LayerNorm, GELU
-and the embeddings are NumPy.
+and the embeddings are NumPy. GPT2(hf_model, dtype="bfloat16") holds the layers' weights and
+the KV cache in bfloat16 (half the bytes a token reads); the residual stream stays float32.
 
     pip install "torch==2.13.0" transformers
-    python examples/gpt2_decode.py
+    python examples/gpt2_decode.py [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -27,20 +28,22 @@ def layer_norm(x, weight, bias, eps):
 
 
 class GPT2:
-    """A GPT-2 decoder on mhattn, built from a transformers GPT2LMHeadModel."""
+    """A GPT-2 decoder on mhattn, built from a transformers GPT2LMHeadModel, its attention and
+    linear layers and KV cache in `dtype` (float32, bfloat16 or float16)."""
 
-    def __init__(self, hf_model):
+    def __init__(self, hf_model, dtype="float32"):
         cfg = hf_model.config
+        self.dtype = dtype
         sd = {k: v.detach().cpu().numpy() for k, v in hf_model.state_dict().items()}
         self.eps = cfg.layer_norm_epsilon
         self.heads, self.head_dim = cfg.n_head, cfg.n_embd // cfg.n_head
         self.wte, self.wpe = sd["transformer.wte.weight"], sd["transformer.wpe.weight"]
         self.norm_f = (sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"])
-        self.lm_head = mhattn.Linear(self.wte)  # tied to the token embeddings
+        self.lm_head = mhattn.Linear(self.wte, dtype=dtype)  # tied to the token embeddings
         self.layers = []
         for i in range(cfg.n_layer):
             p = f"transformer.h.{i}."
-            att = mhattn.MultiHeadAttention(cfg.n_embd, cfg.n_head)
+            att = mhattn.MultiHeadAttention(cfg.n_embd, cfg.n_head, dtype=dtype)
             # GPT-2's Conv1D keeps weights as (in, out); mhattn takes PyTorch's (out, in).
             att.load_state_dict({
                 "in_proj_weight": sd[p + "attn.c_attn.weight"].T,
@@ -54,12 +57,14 @@ class GPT2:
                 norm2=(sd[p + "ln_2.weight"], sd[p + "ln_2.bias"]),
                 # GPT-2's GELU is the tanh form; the GEMM applies it as it stores.
                 up=mhattn.Linear(sd[p + "mlp.c_fc.weight"].T, sd[p + "mlp.c_fc.bias"],
-                                 activation="gelu_tanh"),
-                down=mhattn.Linear(sd[p + "mlp.c_proj.weight"].T, sd[p + "mlp.c_proj.bias"]),
+                                 activation="gelu_tanh", dtype=dtype),
+                down=mhattn.Linear(sd[p + "mlp.c_proj.weight"].T, sd[p + "mlp.c_proj.bias"],
+                                   dtype=dtype),
             ))
 
     def new_cache(self, batch, max_len):
-        return [mhattn.KVCache(batch, self.heads, max_len, self.head_dim) for _ in self.layers]
+        return [mhattn.KVCache(batch, self.heads, max_len, self.head_dim, dtype=self.dtype)
+                for _ in self.layers]
 
     def forward(self, ids, cache):
         """Logits (B, T, vocab) of the new tokens ids (B, T), appending them to the cache."""
@@ -74,14 +79,19 @@ class GPT2:
 
 
 def main():
+    import argparse
+
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = p.parse_args()
     torch.manual_seed(0)
     cfg = GPT2Config(n_embd=256, n_head=8, n_layer=4, n_positions=1100, vocab_size=500,
                      initializer_range=0.2, bos_token_id=None, eos_token_id=None)
     hf = GPT2LMHeadModel(cfg).eval()
-    model = GPT2(hf)
+    model = GPT2(hf, dtype=args.dtype)
     prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (1, 8))
     t0 = time.perf_counter()
     ours, _ = generate(model, prompt, 24)
@@ -91,7 +101,8 @@ def main():
                              pad_token_id=0)[:, prompt.shape[1]:].numpy()
     print("mhattn:      ", ours[0].tolist())
     print("transformers:", theirs[0].tolist())
-    print(f"same tokens: {np.array_equal(ours, theirs)}; {24 / dt:.0f} tokens/s on mhattn")
+    print(f"same tokens: {np.array_equal(ours, theirs)}; {24 / dt:.0f} tokens/s on mhattn "
+          f"({args.dtype})")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tolerances import BF16, TOL_MODEL_HALF
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -76,6 +77,30 @@ def test_gpt2_greedy_decode_with_kv_cache_matches_transformers(monkeypatch, batc
     prompt = np.random.default_rng(batch).integers(0, cfg.vocab_size, (batch, 7))
     check_greedy_against_transformers(torch, hf, model, prompt, 20)
 
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_gpt2_decoding_in_half_follows_float32(monkeypatch, dtype):
+    # Teacher-forced over one sequence: the prompt in a chunk, then a token a step, every step's
+    # logits from the half model (weights and KV cache) within a model's tolerance in that dtype
+    # (TOL_MODEL_HALF) of the float32 model's, on logits scaled by their largest.
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=96, n_head=6, n_layer=3, n_positions=64, vocab_size=300,
+                                  initializer_range=0.2, bos_token_id=None, eos_token_id=None)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    ex = example("gpt2_decode", monkeypatch)
+    full, half = ex.GPT2(hf), ex.GPT2(hf, dtype=dtype)
+    seq = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 40))
+    c32, c16 = full.new_cache(2, 40), half.new_cache(2, 40)
+    assert c16[0].dtype == np.dtype(half.layers[0]["attention"].dtype)
+    t = TOL_MODEL_HALF[np.dtype(dtype) if dtype == "float16" else BF16]
+    for a, b in [(0, 8)] + [(i, i + 1) for i in range(8, 40)]:
+        want = full.forward(seq[:, a:b], c32)
+        got = half.forward(seq[:, a:b], c16)
+        scale = np.abs(want).max()
+        np.testing.assert_allclose(got / scale, want / scale, **t)
 
 @pytest.mark.parametrize("batch", [1, 2])
 def test_llama_gqa_greedy_decode_matches_transformers(monkeypatch, batch):

@@ -85,7 +85,8 @@ class Case:
         if self.kind == "model":
             return f"MiniLM-L6, {self.B} sentences" + (", padded" if self.padded else "")
         if self.kind == "token":
-            return f"GPT-2 D{self.Hq * self.E} H{self.Hq}, {self.S - 1} cached + 1"
+            half = "" if self.dtype == "float32" else f", {self.dtype} weights and cache"
+            return f"GPT-2 D{self.Hq * self.E} H{self.Hq}, {self.S - 1} cached + 1{half}"
         if self.kind == "hf":
             what = {"minilm": f"MiniLM-L6 {self.B} sentences",
                     "llama": f"Llama {self.L} tokens" if self.S == self.L else
@@ -227,7 +228,10 @@ def preset(name, args):
                 for k in (12, 8, 6, 4, 2, 1) for part in ("model", "attention")]
     if name == "gpt2":  # the cost of a token as the cache grows; GPT2_LAYERS layers
         return [Case("GPT-2 decoding, per token", "token", 1, 8, 8, 1, s, 64, target=t)
-                for s, t in ((65, ""), (1025, "1.3x flat"))]
+                for s, t in ((65, ""), (1025, "1.3x flat"))] + [
+            # in bfloat16 (weights and cache), against the same model in float32
+            Case("GPT-2 decoding, per token", "token", 1, 8, 8, 1, 1025, 64, dtype="bfloat16",
+                 target="1.3x fp32")]
     if name == "tiny":
         return [Case("tiny call", "tiny", 1, 1, 1, 1, 16, 64, target="10us"),
                 Case("tiny call", "tiny", 1, 1, 1, 1, 16, 64, model="torch", target="3us tensors")]
@@ -476,6 +480,19 @@ def make_inputs(case, rng):
     return dict(q=q, k=k, v=v)
 
 
+def gpt2_step(case, inp, dtype):
+    """One decoding step of examples/gpt2_decode.py in dtype, with case.S - 1 tokens cached."""
+    model = example("gpt2_decode").GPT2(inp["hf"], dtype=dtype)
+    cache = model.new_cache(case.B, case.S)
+    model.forward(inp["ids"][:, :-1], cache)  # the S - 1 tokens before
+
+    def step():
+        for kv in cache:
+            kv.truncate(case.S - 1)
+        return model.forward(inp["ids"][:, -1:], cache)[:, -1]
+    return step
+
+
 def run_mhattn(case, inp):
     if case.kind == "hf":
         return (hf_attention_call if case.part == "attention" else hf_call)(case, inp, "mhattn")
@@ -487,15 +504,7 @@ def run_mhattn(case, inp):
         q, k, v = (torch.from_numpy(inp[n]) for n in "qkv")
         return lambda: mhattn.scaled_dot_product_attention(q, k, v).numpy()
     if case.kind == "token":
-        model = example("gpt2_decode").GPT2(inp["hf"])
-        cache = model.new_cache(case.B, case.S)
-        model.forward(inp["ids"][:, :-1], cache)  # the S - 1 tokens before
-
-        def step():
-            for kv in cache:
-                kv.truncate(case.S - 1)
-            return model.forward(inp["ids"][:, -1:], cache)[:, -1]
-        return step
+        return gpt2_step(case, inp, case.dtype)
     if case.kind == "model":
         model = minilm()
         return lambda: model.encode(inp["sentences"], skip_padding=not case.padded)
@@ -616,6 +625,8 @@ def run_torch(case, inp):
         raise Skip("judged against the unpruned model on mhattn")
     if case.kind == "hf":  # the same model on transformers' sdpa attention
         return (hf_attention_call if case.part == "attention" else hf_call)(case, inp, "sdpa")
+    if case.kind == "token" and case.dtype != "float32":
+        raise Skip("judged against mhattn's own float32 decoding")
     if case.kind == "token":  # transformers' own cached decoding
         hf, ids = inp["hf"], torch.from_numpy(inp["ids"])
         with torch.inference_mode():
@@ -849,6 +860,8 @@ def bench_case(case, engines, repeats, rounds, pause, min_sample_s, rng):
         gqa = case.Hq != case.Hkv
         twin = (lambda: mhattn.scaled_dot_product_attention(q32, k32, v32, is_causal=case.causal,
                                                              enable_gqa=gqa), [])
+    if case.kind == "token" and case.dtype != "float32" and "mhattn" in fns:
+        twin = (gpt2_step(case, inp, "float32"), [])  # the same model and step in float32
     if case.part == "head_mask" and "mhattn" in fns:  # the same layer with every head
         twin = (lambda: inp["mod"](inp["x"])[0], [])
     if case.kind == "gemm" and case.dtype != "float32" and "mhattn" in fns:
