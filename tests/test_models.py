@@ -4,10 +4,13 @@ packages are not installed (.ci/run installs them)."""
 import importlib.util
 import json
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+import mhattn
 from tolerances import BF16, TOL_MODEL_HALF
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -166,7 +169,7 @@ def test_sentence_encoder_matches_sentence_transformers(tmp_path, monkeypatch, p
 
 
 def test_sentence_encoder_pickles_and_prunes(monkeypatch):
-    import pickle
+
 
     from mhattn.models import SentenceEncoder
 
@@ -229,3 +232,50 @@ def test_attention_maps_and_the_heads_command(tmp_path):
                          capture_output=True, text=True, check=True)
     assert "head importance" in run.stdout and png.stat().st_size > 10_000
     assert len(run.stdout.splitlines()) >= 8  # the header, a row per layer, the file
+
+
+# ---- a corpus on a Dask cluster (examples/embed_corpus_dask.py) ---------------------------
+
+
+@pytest.mark.parametrize("processes", [True, False], ids=["processes", "threads"])
+def test_a_corpus_on_a_local_dask_cluster_equals_one_process(monkeypatch, processes):
+    # Two workers of one thread each, on loopback: bit for bit what one process computes on
+    # the same chunks with one kernel thread, and within float32 rounding of one encode call.
+    pytest.importorskip("distributed")
+    from distributed import Client
+
+    from mhattn.models import SentenceEncoder
+
+    ex = example("embed_corpus_dask", monkeypatch)
+    model = SentenceEncoder.from_pretrained(minilm_path())
+    rng = np.random.default_rng(0)
+    lines = [" ".join(rng.permutation(s.split())) + f" {i}" for i, s in
+             enumerate(SENTENCES * 12)]  # 60 lines of many lengths
+    with ex.local_cluster(2, 1, processes) as cluster, Client(cluster) as client:
+        got = ex.embed_corpus(client, model, lines, chunk=16, threads=1)
+        assert len(client.scheduler_info()["workers"]) == 2
+    with mhattn.threads(1):
+        want = np.concatenate([model.encode(lines[i:i + 16]) for i in range(0, 60, 16)])
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_allclose(got, model.encode(lines), atol=2e-6)
+
+
+def test_threads_per_call_and_per_model(monkeypatch):
+    from mhattn.models import SentenceEncoder
+
+    model = SentenceEncoder.from_pretrained(minilm_path())
+    seen = []
+    real = mhattn.models.SentenceEncoder._encode
+
+    def spy(self, *args):
+        seen.append(mhattn.get_num_threads())
+        return real(self, *args)
+
+    monkeypatch.setattr(mhattn.models.SentenceEncoder, "_encode", spy)
+    outside = mhattn.get_num_threads()
+    model.encode(SENTENCES, threads=3)
+    model.threads = 2
+    model.encode(SENTENCES)
+    model.encode(SENTENCES, threads=1)
+    assert seen == [3, 2, 1] and mhattn.get_num_threads() == outside
+    assert pickle.loads(pickle.dumps(model)).threads is None  # a worker sets its own

@@ -133,6 +133,7 @@ PYBIND11_MODULE(_core, m) {
         "Switch the active SIMD target (ValueError if this CPU cannot run it).");
   m.def("get_num_threads", &mhattn::threads_setting);
   m.def("set_num_threads", &mhattn::set_num_threads, "n"_a);
+  m.def("_set_threads_here", &mhattn::set_threads_here, "n"_a);
 
   py::class_<PackedB, std::shared_ptr<PackedB>>(m, "Packed",
                                                 "A (K, N) matrix packed for the GEMM micro-kernel.")

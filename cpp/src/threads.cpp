@@ -21,6 +21,7 @@ namespace mhattn {
 
 namespace {
 std::atomic<int> g_threads{1};
+thread_local int t_threads = 0;  // the calling thread's own count (threads_here), 0: none
 std::atomic<bool> g_pool_started{false};  // a kernel asked for more than one thread
 std::atomic<bool> g_forked_child{false};  // ... and then this process was forked from it
 
@@ -39,7 +40,8 @@ struct Scratch {
 }  // namespace
 
 int threads_setting() {
-  return g_forked_child.load(std::memory_order_relaxed) ? 1 : g_threads.load();
+  if (g_forked_child.load(std::memory_order_relaxed)) return 1;
+  return t_threads > 0 ? t_threads : g_threads.load();
 }
 
 int num_threads() {
@@ -49,6 +51,12 @@ int num_threads() {
 }
 
 void set_num_threads(int n) { g_threads.store(n < 1 ? 1 : n, std::memory_order_relaxed); }
+
+int set_threads_here(int n) {
+  const int before = t_threads;
+  t_threads = n < 0 ? 0 : n;
+  return before;
+}
 
 namespace {
 float* grow(Scratch& s, int64_t n) {

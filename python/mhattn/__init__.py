@@ -15,6 +15,7 @@ import os
 
 from . import _core, models, reference
 from ._core import __version__
+from ._threads import threads
 from .functional import linear, matmul, scaled_dot_product_attention, softmax
 from .modules import KVCache, Linear, MultiHeadAttention
 
@@ -29,6 +30,7 @@ __all__ = [
     "matmul",
     "set_num_threads",
     "get_num_threads",
+    "threads",
     "show_config",
     "reference",
 ]
@@ -42,7 +44,8 @@ def set_num_threads(n):
 
 
 def get_num_threads():
-    """The number of threads mhattn's kernels use."""
+    """The number of threads mhattn's kernels use (those that the calling thread starts, inside
+    a `with mhattn.threads(n)` block)."""
     return _core.get_num_threads()
 
 

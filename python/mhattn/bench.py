@@ -12,6 +12,7 @@ ratios are only ever taken within that run.
 from __future__ import annotations
 
 import argparse
+import atexit
 import dataclasses
 import json
 import math
@@ -61,6 +62,7 @@ class Case:
     dtype: str = "float32"  # of the inputs and weights: float32, bfloat16 or float16
     note: str = ""  # shown after the label (the pruned model's cosine, found as it is built)
     cosine: float = 0.0  # kind "pruned": the mean cosine of its embeddings to the full model's
+    repeats: int = 0  # timed samples of this case (0: --repeats): fewer where a sample takes seconds
     # kind "gemm": "Linear" (weights packed once, as a layer holds them), "linear" (the one-shot
     # mhattn.linear(x, W)) or "matmul" (mhattn.matmul(x, B) with B = W.T row-major). torch and
     # NumPy run the same product their own way: F.linear / x @ W.T, torch.matmul / x @ B.
@@ -73,6 +75,9 @@ class Case:
     def _label(self):
         if self.kind == "pruned":
             return f"k = {self.Hq}, {self.part}"
+        if self.kind == "dask":
+            return {"1x1": "Dask, 1 worker of 1 thread", "2x1": "Dask, 2 workers of 1 thread",
+                    "process": "one process, 2 threads"}[self.part] + f", {self.B} sentences"
         if self.kind == "gemm":
             return (f"{self.M}x{self.K}->{self.N}" + (f" {self.part}" if self.part else "")
                     + ("" if self.dtype == "float32" else f" {self.dtype}"))
@@ -100,7 +105,7 @@ class Case:
     @property
     def flops(self):
         """Useful flops: for causal attention only the visible half of the scores."""
-        if self.kind in ("model", "token", "hf", "pruned"):
+        if self.kind in ("model", "token", "hf", "pruned", "dask"):
             return 0.0
         if self.kind == "gemm":
             return 2.0 * self.M * self.N * self.K
@@ -226,6 +231,10 @@ def preset(name, args):
         return [Case("MiniLM-L6 pruned, 32 sentences", "pruned", B=32, Hq=k, part=part,
                      target={(6, "attention"): "0.6 of k12", (2, "attention"): "0.3 of k12"}.get((k, part), ""))
                 for k in (12, 8, 6, 4, 2, 1) for part in ("model", "attention")]
+    if name == "dask":  # examples/embed_corpus_dask.py on a LocalCluster, against one process
+        return [Case("all-MiniLM-L6-v2 over a corpus", "dask", B=2000, part=part, repeats=3,
+                     target={"2x1": "1.7x 1x1; 1.0x process"}.get(part, ""))
+                for part in ("1x1", "2x1", "process")]
     if name == "gpt2":  # the cost of a token as the cache grows; GPT2_LAYERS layers
         return [Case("GPT-2 decoding, per token", "token", 1, 8, 8, 1, s, 64, target=t)
                 for s, t in ((65, ""), (1025, "1.3x flat"))] + [
@@ -248,7 +257,7 @@ def preset(name, args):
 
 PRESETS = ["heads", "fixed-dim", "design", "causal", "gqa", "decode", "layer", "heads-masked", "layer-heads",
            "layer-fixed-dim", "cache", "pruned", "gemm", "gemm-bf16", "gemm-f16", "attention-bf16",
-           "attention-f16", "decode-bf16", "decode-f16", "tiny", "minilm", "gpt2", "hf"]
+           "attention-f16", "decode-bf16", "decode-f16", "tiny", "minilm", "dask", "gpt2", "hf"]
 GPT2_LAYERS = 4
 # The Llama-style model of the hf preset (random weights): the shape of the design's figures.
 HF_LLAMA = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
@@ -323,6 +332,46 @@ def pruned_minilm(case, sentences):
     x = np.random.default_rng(0).standard_normal((len(sentences), T, 384)).astype(np.float32)
     layers = [layer["attention"] for layer in model.layers]
     return lambda: [att(x, key_padding_mask=padding)[0] for att in layers][-1]
+
+
+_CLUSTER = []  # the dask preset's LocalCluster and Client: one at a time, closed at exit
+
+
+def _close_cluster():
+    while _CLUSTER:
+        _CLUSTER.pop().close()
+
+
+atexit.register(_close_cluster)
+
+
+def dask_corpus(case, lines):
+    """The callable of a dask case: the corpus through examples/embed_corpus_dask.py on a
+    LocalCluster of case.part workers (processes of one thread, one kernel thread each, chunks
+    of 256 lines), or in this process on 2 kernel threads ("process")."""
+    model = minilm()
+    if case.part == "process":
+        return lambda: model.encode(lines, threads=2)
+    try:
+        from distributed import Client
+    except ImportError:
+        raise Skip("distributed is not installed (the distributed extra)") from None
+    ex = example("embed_corpus_dask")
+    _close_cluster()  # the previous case's workers would take CPU from this one
+    cluster = ex.local_cluster(int(case.part[0]), 1, True)
+    _CLUSTER.extend([cluster, Client(cluster)])  # closed client first
+    client = _CLUSTER[-1]
+    remote = ex.ship(client, model)  # once, as a user embedding a corpus ships it once
+    return lambda: ex.embed_corpus(client, remote, lines, chunk=256, threads=1)
+
+
+def add_dask_ratios(results):
+    """For each dask case: the throughput of the other dask cases of the run, for its targets."""
+    rates = {c.part: r["mhattn"]["per_second"] for c, r in results
+             if c.kind == "dask" and "per_second" in r["mhattn"]}
+    for case, res in results:
+        if case.kind == "dask" and "per_second" in res["mhattn"]:
+            res["mhattn"]["dask_rates"] = rates
 
 
 def gpt2_model(case):
@@ -456,6 +505,10 @@ def make_inputs(case, rng):
         return dict(hf=gpt2_model(case), ids=rng.integers(0, 500, (case.B, case.S)))
     if case.kind in ("model", "pruned"):
         return dict(sentences=[SENTENCES[i % len(SENTENCES)] for i in range(case.B)])
+    if case.kind == "dask":  # a corpus of case.B lines of many lengths: shuffled harness sentences
+        words = " ".join(SENTENCES).split()
+        lens = rng.integers(3, 40, case.B)
+        return dict(sentences=[" ".join(rng.choice(words, n)) for n in lens])
     if case.kind == "gemm":
         x = rng.standard_normal((case.M, case.K), dtype=np.float32) * case.K ** -0.5
         w = rng.standard_normal((case.N, case.K), dtype=np.float32)
@@ -510,6 +563,8 @@ def run_mhattn(case, inp):
         return lambda: model.encode(inp["sentences"], skip_padding=not case.padded)
     if case.kind == "pruned":
         return pruned_minilm(case, inp["sentences"])
+    if case.kind == "dask":
+        return dask_corpus(case, inp["sentences"])
     if case.kind == "gemm":
         x, w = inp["x"], inp["w"]
         if case.part == "linear":
@@ -567,7 +622,7 @@ def cache_step(case, inp, linear, sdpa, empty, heads):
 
 
 def run_numpy(case, inp):
-    if case.kind in ("model", "token", "hf"):
+    if case.kind in ("model", "token", "hf", "dask"):
         raise Skip("no NumPy engine for whole models")
     if case.part == "head_mask" or case.kind == "pruned":
         raise Skip("judged against mhattn's own unmasked call")
@@ -627,6 +682,8 @@ def run_torch(case, inp):
         return (hf_attention_call if case.part == "attention" else hf_call)(case, inp, "sdpa")
     if case.kind == "token" and case.dtype != "float32":
         raise Skip("judged against mhattn's own float32 decoding")
+    if case.kind == "dask":
+        raise Skip("judged against mhattn's other ways to run the corpus")
     if case.kind == "token":  # transformers' own cached decoding
         hf, ids = inp["hf"], torch.from_numpy(inp["ids"])
         with torch.inference_mode():
@@ -897,7 +954,7 @@ def bench_case(case, engines, repeats, rounds, pause, min_sample_s, rng):
         r["median_s"] = med
         r["spread"] = (s[-1] - s[0]) / med if med > 0 else 0.0
         r["gflops"] = case.flops / med / 1e9
-        if case.kind in ("model", "token") or (case.kind == "pruned" and case.part == "model"):
+        if case.kind in ("model", "token", "dask") or (case.kind == "pruned" and case.part == "model"):
             r["per_second"] = case.B / med
         if case.kind == "hf":
             r["per_second"] = 1 / med
@@ -974,6 +1031,13 @@ def one_target(t, case, res, me):
     if t.endswith("unmasked"):
         share = me["median_s"] / me["twin_median_s"]
         return share <= float(t.split()[0]), f"{share:.2f} of the unmasked call's time"
+    if case.kind == "dask":  # "1.7x 1x1": its throughput over that of the dask case 1x1
+        want, other = t.split("x ")
+        rates = me.get("dask_rates", {})
+        if other not in rates:
+            return None
+        ratio = me["per_second"] / rates[other]
+        return ratio >= float(want), f"{ratio:.2f}x the throughput of {other}"
     if t.endswith("x fp32"):
         ratio = me["twin_median_s"] / me["median_s"]
         return ratio >= float(t.split("x")[0]), f"{ratio:.2f}x mhattn float32"
@@ -1045,7 +1109,7 @@ def print_table(results, engines, out=sys.stdout):
             print(f"\n{group}", file=out)
             head = f"  {'case':34s}" + "".join(f" | {e + ' ms':>16s}" for e in engines)
             rate = {"decode": "GB/s", "cache": "GB/s", "model": "sent/s", "token": "tokens/s",
-                    "hf": "calls/s", "pruned": "sent/s"}.get(case.kind, "GFLOP/s")
+                    "hf": "calls/s", "pruned": "sent/s", "dask": "sent/s"}.get(case.kind, "GFLOP/s")
             head += f" | {'mhattn ' + rate:>14s} | {'of peak':>7s}"
             head += "".join(f" | {'vs ' + e:>12s}" for e in engines[1:])
             print(head + " | target", file=out)
@@ -1168,6 +1232,8 @@ def main(argv=None):
         for c in cases:
             c.L, c.S, c.B = min(c.L, 33), min(c.S, 65), min(c.B, 2)
             c.M, c.N, c.K = min(c.M, 70), min(c.N, 50), min(c.K, 40)
+            if c.kind == "dask":
+                c.B = 64
             c.E = min(c.E, 64)
     engines = [e.strip() for e in args.engines.split(",")]
     if engines[0] != "mhattn" or any(e not in ENGINES for e in engines):
@@ -1188,13 +1254,15 @@ def main(argv=None):
             done = int(30 * i / len(cases))
             print(f"\r[{'#' * done}{'.' * (30 - done)}] {i}/{len(cases)} {case.label:40s}",
                   end="", file=sys.stderr, flush=True)
-        results.append((case, bench_case(case, engines, args.repeats, args.rounds, args.pause,
-                                         args.min_sample, rng)))
+        repeats = case.repeats if case.repeats and not args.quick else args.repeats
+        results.append((case, bench_case(case, engines, repeats, min(args.rounds, repeats),
+                                         args.pause, args.min_sample, rng)))
     if sys.stderr.isatty() and time.perf_counter() - t_start > 2:
         print("\r" + " " * 80 + "\r", end="", file=sys.stderr)
 
     add_flatness(results)
     add_pruned_shares(results)
+    add_dask_ratios(results)
     skipped = {e: r["skipped"] for _, res in results for e, r in res.items() if "skipped" in r}
     print_table(results, engines)
     for e, why in sorted(skipped.items()):

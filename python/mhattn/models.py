@@ -16,6 +16,7 @@ import os
 import numpy as np
 
 from . import _checks
+from ._threads import threads as _threads
 from .modules import Linear, MultiHeadAttention
 
 __all__ = ["SentenceEncoder"]
@@ -87,6 +88,7 @@ class SentenceEncoder:
         from tokenizers import Tokenizer
 
         self._state = state
+        self.threads = None  # encode's thread count when it is not given one (None: mhattn's)
         cfg, w = state["config"], state["weights"]
         self.eps = cfg["layer_norm_eps"]
         D, H = cfg["hidden_size"], cfg["num_attention_heads"]
@@ -129,7 +131,7 @@ class SentenceEncoder:
         """Heads left in each layer (after prune_heads)."""
         return [layer["attention"].num_heads for layer in self.layers]
 
-    def encode(self, sentences, batch_size=32, *, skip_padding=True):
+    def encode(self, sentences, batch_size=32, *, skip_padding=True, threads=None):
         """(len(sentences), D) float32 sentence embeddings, sentence-transformers' `encode`
         within float32 rounding (unit length when the model normalises).
 
@@ -138,8 +140,14 @@ class SentenceEncoder:
         with skip_padding (the default) LayerNorm, the feed-forward and the residuals run on
         the real tokens only; skip_padding=False computes every padded position, as
         sentence-transformers does, for the same embeddings.
+
+        threads: the kernels' thread count for this call (mhattn.threads); None takes the
+        model's `threads` attribute, and that None mhattn's setting. The count is read when the
+        call runs and does not travel with a pickled model, so each worker process or thread
+        can give its own.
         """
-        return self._encode(sentences, batch_size, skip_padding, None)
+        with _threads(self.threads if threads is None else threads):
+            return self._encode(sentences, batch_size, skip_padding, None)
 
     def _encode(self, sentences, batch_size, skip_padding, head_masks):
         if isinstance(sentences, str):

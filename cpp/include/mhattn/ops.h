@@ -185,6 +185,9 @@ void gemm_unpacked(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int
 int num_threads();       // for a kernel about to start a parallel region
 int threads_setting();   // what get_num_threads reports (1 in a child forked after a parallel run)
 void set_num_threads(int n);
+// The count for the kernels the calling thread starts, over set_num_threads' (0: none); returns
+// the one before. For a process whose threads each run their own calls (mhattn.threads).
+int set_threads_here(int n);
 // A per-thread buffer of at least n floats, 64-byte aligned, reused across calls. slot picks
 // one of a few independent buffers so a kernel can hold several at once.
 float* thread_scratch(int slot, int64_t n);
