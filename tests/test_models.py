@@ -68,14 +68,20 @@ def check_greedy_against_transformers(torch, hf, model, prompt, steps):
     assert np.abs(logits - full).max() <= 1e-4
 
 
+def small_gpt2(torch, transformers):
+    """A random 3-layer GPT-2 (transformers), the same on every call."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=96, n_head=6, n_layer=3, n_positions=64, vocab_size=300,
+                                  initializer_range=0.2, bos_token_id=None, eos_token_id=None)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_gpt2_greedy_decode_with_kv_cache_matches_transformers(monkeypatch, batch):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_embd=96, n_head=6, n_layer=3, n_positions=64, vocab_size=300,
-                                  initializer_range=0.2, bos_token_id=None, eos_token_id=None)
-    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    hf = small_gpt2(torch, transformers)
+    cfg = hf.config
     model = example("gpt2_decode", monkeypatch).GPT2(hf)
     prompt = np.random.default_rng(batch).integers(0, cfg.vocab_size, (batch, 7))
     check_greedy_against_transformers(torch, hf, model, prompt, 20)
@@ -89,10 +95,8 @@ def test_gpt2_decoding_in_half_follows_float32(monkeypatch, dtype):
     # (TOL_MODEL_HALF) of the float32 model's, on logits scaled by their largest.
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_embd=96, n_head=6, n_layer=3, n_positions=64, vocab_size=300,
-                                  initializer_range=0.2, bos_token_id=None, eos_token_id=None)
-    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    hf = small_gpt2(torch, transformers)
+    cfg = hf.config
     ex = example("gpt2_decode", monkeypatch)
     full, half = ex.GPT2(hf), ex.GPT2(hf, dtype=dtype)
     seq = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 40))

@@ -653,6 +653,41 @@ constexpr int kLanesOut = 16;
 // H64 E12 was 1.13x as fast with 4 keys ahead, 1.07x with 2 and 1.12x with 8.
 constexpr int64_t kExpAhead = 4;
 
+// sT (NJ × W) = acc, and mx becomes the lane-wise max of mx and acc: the end of a Q·Kᵀ tile
+// on the lanes path.
+template <int NJ>
+void store_scores(float* sT, V& mx, const V* acc) {
+  V m = mx;  // a local: mx could alias sT (vector types may alias float), which would keep it
+             // in memory, each vmax waiting for the store before it
+  for (int c = 0; c < NJ; ++c) {
+    vstore(sT + c * W, acc[c]);
+    m = vmax(m, acc[c]);
+  }
+  mx = m;
+}
+
+// tile(j, n) for the keys [j, j + n) of a block of bk, n = kLanesKeys (a compile-time constant,
+// std::integral_constant) but for the last few: the Q·Kᵀ register tiles of the lanes path.
+template <class F>
+void over_key_tiles(int64_t bk, F&& tile) {
+  int64_t j = 0;
+  for (; j + kLanesKeys <= bk; j += kLanesKeys) tile(j, std::integral_constant<int, kLanesKeys>{});
+  if (j < bk) with_rows<kLanesKeys>(bk - j, [&](auto n) { tile(j, n); });
+}
+
+// tile(e0, n, first) for the dims [e0, e0 + n) of oT (Ev × W), in register tiles of near-equal
+// height of at most kLanesOut dims (n a compile-time constant); first for the first, which
+// takes the exps of P and their sum.
+template <class F>
+void over_out_tiles(int64_t Ev, F&& tile) {
+  const int64_t tiles = (Ev + kLanesOut - 1) / kLanesOut;
+  for (int64_t e0 = 0, t = 0; t < tiles; ++t) {
+    const int64_t ne = (Ev - e0) / (tiles - t);
+    with_rows<kLanesOut>(ne, [&](auto n) { tile(e0, n, t == 0); });
+    e0 += ne;
+  }
+}
+
 // sT (NJ × W) = qT (E × W) · kᵀ for NJ keys (rows of k, k_ss apart); mx becomes the lane-wise
 // max of mx and the scores.
 template <int NJ>
@@ -663,13 +698,7 @@ void qk_lanes(float* sT, V& mx, const float* qT, const float* k, int64_t k_ss, i
     const V q = vload(qT + e * W);
     for (int c = 0; c < NJ; ++c) acc[c] = vfma(q, vset1(k[c * k_ss + e]), acc[c]);
   }
-  V m = mx;  // a local: mx could alias sT (vector types may alias float), which would keep it
-             // in memory, each vmax waiting for the store before it
-  for (int c = 0; c < NJ; ++c) {
-    vstore(sT + c * W, acc[c]);
-    m = vmax(m, acc[c]);
-  }
-  mx = m;
+  store_scores<NJ>(sT, mx, acc);
 }
 
 // oT (NE × W) = oT · alpha + Σ_j P[j] (W) · v[j][e] over bk keys, for NE dims of v (rows v_ss
@@ -823,34 +852,22 @@ V lanes_qk(const AttnArgs& a, const KeyBlocks<float>& kb, const float* qT, float
            int64_t j0, int64_t bk, const Scratch&) {
   const float* k = kb.k + j0 * a.k_ss;
   V mx = vset1(-INFINITY);
-  int64_t j = 0;
-  for (; j + kLanesKeys <= bk; j += kLanesKeys)
-    qk_lanes<kLanesKeys>(sT + j * W, mx, qT, k + j * a.k_ss, a.k_ss, a.E);
-  if (j < bk)
-    with_rows<kLanesKeys>(bk - j, [&](auto n) {
-      qk_lanes<decltype(n)::value>(sT + j * W, mx, qT, k + j * a.k_ss, a.k_ss, a.E);
-    });
+  over_key_tiles(bk, [&](int64_t j, auto n) {
+    qk_lanes<decltype(n)::value>(sT + j * W, mx, qT, k + j * a.k_ss, a.k_ss, a.E);
+  });
   return mx;
 }
 // and oT (Ev × W) = oT · alpha + P · v with P = exp(sT - m) (written over sT), sum += Σ P.
 void lanes_pv(const AttnArgs& a, const KeyBlocks<float>& kb, float* oT, V alpha, float* sT,
               int64_t j0, int64_t bk, V m, V& sum, const Scratch&) {
-  const int64_t Ev = a.Ev;
   const float* v = kb.v + j0 * a.v_ss;
-  // oT in register tiles of near-equal height, at most kLanesOut dims each; the first takes the
-  // exps P = exp(sT - m') and their sum.
-  const int64_t tiles = (Ev + kLanesOut - 1) / kLanesOut;
-  for (int64_t e0 = 0, t = 0; t < tiles; ++t) {
-    const int64_t ne = (Ev - e0) / (tiles - t);
-    with_rows<kLanesOut>(ne, [&](auto n) {
-      constexpr int NE = decltype(n)::value;
-      if (t == 0)
-        pv_lanes<NE, true>(oT + e0 * W, alpha, sT, v + e0, a.v_ss, bk, m, sum);
-      else
-        pv_lanes<NE, false>(oT + e0 * W, alpha, sT, v + e0, a.v_ss, bk, m, sum);
-    });
-    e0 += ne;
-  }
+  over_out_tiles(a.Ev, [&](int64_t e0, auto n, bool first) {
+    constexpr int NE = decltype(n)::value;
+    if (first)
+      pv_lanes<NE, true>(oT + e0 * W, alpha, sT, v + e0, a.v_ss, bk, m, sum);
+    else
+      pv_lanes<NE, false>(oT + e0 * W, alpha, sT, v + e0, a.v_ss, bk, m, sum);
+  });
 }
 // Nothing to prepare per block of float32 keys (k and v are read where they lie), and the
 // queries go to qT (E × W) as they are.
@@ -908,13 +925,7 @@ void qk_lanes_bf16(float* sT, V& mx, const uint32_t* qP, const bf16_t* k, int64_
       for (int c = 0; c < NJ; ++c) acc[c] = vdp(acc[c], q, _mm512_set1_epi32(k[c * k_ss + e].bits));
     }
   }
-  V m = mx;  // a local: mx could alias sT (vector types may alias float), which would keep it
-             // in memory, each vmax waiting for the store before it
-  for (int c = 0; c < NJ; ++c) {
-    vstore(sT + c * W, acc[c]);
-    m = vmax(m, acc[c]);
-  }
-  mx = m;
+  store_scores<NJ>(sT, mx, acc);
 }
 
 // oT (NE × W) = oT · alpha + Σ_j pP[j] · vP[j][e] over the (bk + 1) / 2 pairs of keys, for NE
@@ -979,32 +990,22 @@ V lanes_qk(const AttnArgs& a, const KeyBlocks<bf16_t>& kb, const float* qs, floa
   const auto* qP = reinterpret_cast<const uint32_t*>(qs);
   const bf16_t* k = kb.k + j0 * a.k_ss;
   V mx = vset1(-INFINITY);
-  int64_t j = 0;
-  for (; j + kLanesKeys <= bk; j += kLanesKeys)
-    qk_lanes_bf16<kLanesKeys>(sT + j * W, mx, qP, k + j * a.k_ss, a.k_ss, a.E);
-  if (j < bk)
-    with_rows<kLanesKeys>(bk - j, [&](auto n) {
-      qk_lanes_bf16<decltype(n)::value>(sT + j * W, mx, qP, k + j * a.k_ss, a.k_ss, a.E);
-    });
+  over_key_tiles(bk, [&](int64_t j, auto n) {
+    qk_lanes_bf16<decltype(n)::value>(sT + j * W, mx, qP, k + j * a.k_ss, a.k_ss, a.E);
+  });
   return mx;
 }
 void lanes_pv(const AttnArgs& a, const KeyBlocks<bf16_t>&, float* oT, V alpha, float* sT,
               int64_t, int64_t bk, V m, V& sum, const Scratch& t) {
-  const int64_t Ev = a.Ev;
   auto* pP = reinterpret_cast<uint32_t*>(t.kt);
   const auto* vP = reinterpret_cast<const uint32_t*>(t.vp);
-  const int64_t tiles = (Ev + kLanesOut - 1) / kLanesOut;
-  for (int64_t e0 = 0, i = 0; i < tiles; ++i) {
-    const int64_t ne = (Ev - e0) / (tiles - i);
-    with_rows<kLanesOut>(ne, [&](auto n) {
-      constexpr int NE = decltype(n)::value;
-      if (i == 0)
-        pv_lanes_bf16<NE, true>(oT + e0 * W, alpha, sT, pP, vP + e0, Ev, bk, m, sum);
-      else
-        pv_lanes_bf16<NE, false>(oT + e0 * W, alpha, sT, pP, vP + e0, Ev, bk, m, sum);
-    });
-    e0 += ne;
-  }
+  over_out_tiles(a.Ev, [&](int64_t e0, auto n, bool first) {
+    constexpr int NE = decltype(n)::value;
+    if (first)
+      pv_lanes_bf16<NE, true>(oT + e0 * W, alpha, sT, pP, vP + e0, a.Ev, bk, m, sum);
+    else
+      pv_lanes_bf16<NE, false>(oT + e0 * W, alpha, sT, pP, vP + e0, a.Ev, bk, m, sum);
+  });
 }
 #endif  // __AVX512BF16__
 
