@@ -27,6 +27,7 @@ def test_show_config(capsys):
     out = capsys.readouterr().out
     assert mhattn.__version__ in out and _core.target() in out and str(mhattn.get_num_threads()) in out
     assert "bfloat16" in out and ("AMX:         available" in out) == ("amx" in _core.targets())
+    assert ("attention:   bfloat16 vdpbf16ps" in out) == (_core.target() in ("avx512bf16", "amx"))
     for t in _core.test_targets():  # every path has its line in the table
         assert t in mhattn._PATHS or t == "amx_emulated"
 

@@ -5,8 +5,8 @@ scaled_dot_product_attention, MultiHeadAttention (with KVCache for decoding), an
 blocks softmax, linear (and Linear, its weight packed once) and matmul. mhattn.reference
 defines every op in plain NumPy. Every function and layer also takes torch tensors and then
 returns tensors; `import mhattn.hf` makes mhattn an attention implementation of Hugging Face
-transformers. Results keep the input's dtype (float32, bfloat16, float16), computed in float32
-for now; see the README for the numeric policy.
+transformers. Results keep the input's dtype (float32, bfloat16, float16); the README's numeric
+policy says how each is computed (show_config() prints it for this CPU).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def get_num_threads():
     return _core.get_num_threads()
 
 
-# How each precision's products run on each target (the attention computes in float32 for now).
+# How each precision's products run on each target.
 _PATHS = {
     "generic": ("float32 vectors", "widened to float32", "widened to float32"),
     "avx2": ("AVX2 FMA", "widened to float32 in registers", "F16C, widened in registers"),
@@ -57,6 +57,9 @@ _PATHS = {
     "avx512bf16": ("AVX-512 FMA", "vdpbf16ps", "F16C, widened in registers"),
     "amx": ("AVX-512 FMA", "AMX tiles (16 rows or more), vdpbf16ps", "F16C, widened in registers"),
 }
+# How attention reads bfloat16 and float16 keys and values: on the targets with vdpbf16ps it
+# multiplies bfloat16 as it is, elsewhere 16 bits are widened to float32.
+_ATTENTION_BF16 = {"avx512bf16": "vdpbf16ps", "amx": "vdpbf16ps (AMX tiles: not yet)"}
 
 
 def show_config():
@@ -67,6 +70,9 @@ def show_config():
     print(f"  SIMD target: {t} (this CPU can run: {', '.join(_core.targets())})")
     f32, bf16, f16 = _PATHS.get(t, ("?", "?", "?"))
     print(f"  products:    float32 {f32}; bfloat16 {bf16}; float16 {f16}")
+    att = _ATTENTION_BF16.get(t, "widened to float32 (in registers when decoding)")
+    print(f"  attention:   bfloat16 {att}; float16 widened to float32 (in registers when "
+          f"decoding)")
     print(f"  AMX:         {_core.amx_status() or 'available'}")
     print(f"  threads:     {get_num_threads()}")
 

@@ -4,8 +4,8 @@ with the GIL released. Each also takes torch tensors and then returns torch tens
 (mhattn._torch).
 
 dtypes: the output has the input's dtype (float32, bfloat16 or float16; float64 gives float32).
-Today bfloat16 and float16 are computed by converting to float32 and back; the README's numeric
-policy says so too.
+Accumulation is float32 always. How the 16-bit dtypes are multiplied depends on the CPU
+(vdpbf16ps, AMX, or widened to float32): the README's numeric policy, and show_config().
 """
 
 from __future__ import annotations
