@@ -24,7 +24,10 @@ def qkv(rng, dtype, B, Hq, Hkv, L, S, E, Ev=None):
 # and v in place, with E and Ev off the vector width and a cache long enough to be split across
 # threads; longer tiles read widened copies.
 CASES = [(4, 4, 1, 37, 64, 64), (8, 2, 1, 300, 24, 40), (4, 2, 2, 129, 17, 17),
-         (2, 1, 1, 3000, 128, 128), (4, 4, 37, 45, 64, 64), (6, 2, 70, 70, 32, 24)]
+         (2, 1, 1, 3000, 128, 128), (4, 4, 37, 45, 64, 64), (6, 2, 70, 70, 32, 24),
+         # groups of 2-4 rows with Ev a multiple of 16 (bfloat16: P · V in pairs of keys), an odd
+         # number of keys, a second block of one key, the last 16 of 32 dims a pass
+         (4, 1, 1, 37, 64, 48), (3, 1, 1, 1025, 32, 32), (2, 2, 2, 51, 16, 16)]
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=IDS)
@@ -70,10 +73,11 @@ def test_bfloat16_tiles_on_every_path(isa, rng, Hq, Hkv, L, S, E, Ev):
 
 @pytest.mark.parametrize("dtype", HALF, ids=IDS)
 @pytest.mark.parametrize("Hq,L", [(1, 1), (4, 1), (2, 2), (2, 40)])
-def test_half_keys_and_values_are_read_within_their_dims(isa, rng, dtype, Hq, L):
+@pytest.mark.parametrize("Ev", [20, 48])
+def test_half_keys_and_values_are_read_within_their_dims(isa, rng, dtype, Hq, L, Ev):
     # k and v as views of rows with NaN past E and Ev: a kernel that read past a row's last dim
     # (a whole vector where a masked one is due) would turn the result to NaN.
-    E, Ev, S = 40, 20, 70
+    E, S = 40, 71
     q = rng.standard_normal((1, Hq, L, E)).astype(dtype)
     kbig = np.full((1, 1, S, E + 24), np.nan, dtype)
     vbig = np.full((1, 1, S, Ev + 24), np.nan, dtype)

@@ -310,6 +310,60 @@ void qk_direct_pairs(int64_t R, float* s, int64_t lds, const bf16_t* qb, int64_t
     qk_direct_pairs_rows<decltype(r)::value>(s, lds, qb, ldq, k, k_ss, bk, E);
   });
 }
+
+// o (R × Ev, rows evp apart) += p (R × bk, rows ldp apart) · v (bk × Ev, rows ldv apart) for a
+// bfloat16 v on the direct path, R ≥ 2 rows (a GQA group), Ev a multiple of W. P is rounded to
+// bfloat16 into pb (R rows of round_up(bk, 2W), zero past bk), whose natural order is pairs of
+// keys; v's rows of keys j and j + 1 are interleaved in registers (vpunpcklwd / vpunpckhwd)
+// into pairs of the same keys, 32 dims a pass, each row's P pair broadcast against them. The
+// interleave leaves the dims of a pass in the order [0-3, 8-11, 16-19, 24-27] (lo) and
+// [4-7, ...] (hi), which two vpermt2ps at the end of the pass put back.
+template <int R>
+void pv_direct_pairs_rows(float* o, int64_t evp, const float* p, int64_t ldp, const bf16_t* v,
+                          int64_t ldv, int64_t Ev, int64_t bk, bf16_t* pb) {
+  const int64_t ldb = round_up(bk, 2 * W);
+  for (int i = 0; i < R; ++i)
+    for (int64_t j = 0; j < ldb; j += 2 * W) {
+      const V a = _mm512_maskz_loadu_ps(lanes_below(bk - j), p + i * ldp + j);
+      const V b = _mm512_maskz_loadu_ps(lanes_below(bk - j - W), p + i * ldp + j + W);
+      _mm512_storeu_si512(pb + i * ldb + j, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+    }
+  alignas(64) static constexpr int32_t kFirst[W] = {0, 1, 2, 3, 16, 17, 18, 19,
+                                                    4, 5, 6, 7, 20, 21, 22, 23};
+  alignas(64) static constexpr int32_t kSecond[W] = {8, 9, 10, 11, 24, 25, 26, 27,
+                                                     12, 13, 14, 15, 28, 29, 30, 31};
+  const __m512i first = _mm512_load_si512(kFirst), second = _mm512_load_si512(kSecond);
+  for (int64_t e = 0; e < Ev; e += 2 * W) {
+    const __mmask32 m = e + 2 * W <= Ev ? ~__mmask32{0} : (__mmask32{1} << (Ev - e)) - 1;
+    V lo[R], hi[R];
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) lo[i] = hi[i] = vzero();
+    for (int64_t j = 0; j < bk; j += 2) {
+      const __m512i a = _mm512_maskz_loadu_epi16(m, v + j * ldv + e);
+      const __m512i b = j + 1 < bk ? _mm512_maskz_loadu_epi16(m, v + (j + 1) * ldv + e)
+                                   : _mm512_setzero_si512();
+      const __m512i vlo = _mm512_unpacklo_epi16(a, b), vhi = _mm512_unpackhi_epi16(a, b);
+#pragma GCC unroll 4
+      for (int i = 0; i < R; ++i) {
+        const __m512i pp = vpair_set1(pb + i * ldb + j);
+        lo[i] = vdp(lo[i], pp, vlo);
+        hi[i] = vdp(hi[i], pp, vhi);
+      }
+    }
+    for (int i = 0; i < R; ++i) {
+      float* oi = o + i * evp + e;
+      vstore(oi, vadd(vload(oi), _mm512_permutex2var_ps(lo[i], first, hi[i])));
+      if (e + W < Ev) vstore(oi + W, vadd(vload(oi + W), _mm512_permutex2var_ps(lo[i], second, hi[i])));
+    }
+  }
+}
+void pv_direct_pairs(int64_t R, float* o, int64_t evp, const float* p, int64_t ldp,
+                     const bf16_t* v, int64_t ldv, int64_t Ev, int64_t bk, bf16_t* pb) {
+  with_rows<kDirectRows>(R, [&](auto r) {
+    if constexpr (decltype(r)::value >= 2)
+      pv_direct_pairs_rows<decltype(r)::value>(o, evp, p, ldp, v, ldv, Ev, bk, pb);
+  });
+}
 #endif
 
 // o (R × evp) += p (R × bk, rows apart by ldp) · v (bk × evp), for any R ≤ RM. v is either
@@ -554,6 +608,15 @@ void run_blocks(Pass pass, const AttnArgs& a, const Row* rows, int64_t R,
                     bk, bkp, t.m[i0 + i], t.l[i0 + i], t.o + (i0 + i) * evp, evp);
       // 5. O += P · v.
       if (pass != Pass::Stats) {
+#if defined(__AVX512BF16__)
+        if constexpr (std::is_same_v<KT, bf16_t>)  // a GQA group: pairs of keys on vdpbf16ps
+          if (vd && rr >= 2) {
+            const int64_t ldq = round_up(E, 2 * W);  // P after the rows of q in t.kt
+            pv_direct_pairs(rr, t.o + i0 * evp, evp, t.s, bkp, vd, ldv, a.Ev, bk,
+                            reinterpret_cast<bf16_t*>(t.kt) + kDirectRows * ldq);
+            continue;
+          }
+#endif
         if (vd) pv(rr, t.o + i0 * evp, t.s, bkp, vd, ldv, evp, bk);
         else pv(rr, t.o + i0 * evp, t.s, bkp, vp, 0, evp, bk);
       }
@@ -1167,8 +1230,13 @@ void attention_typed(const AttnArgs& a) {
       t.qs = thread_scratch(0, bq * a.E);
       // The bfloat16 lanes path keeps its pairs of P in kt and of v in vp (lanes_prepare).
       const bool pairs = lanes && !std::is_same_v<KT, float>;
-      t.kt = lanes && !pairs ? nullptr
-                             : thread_scratch(1, pairs ? (bk_max + 1) / 2 * W : a.E * round_up(bk_max, KP));
+      // The direct path on bfloat16 keeps its q rows and P rows in bfloat16 in kt
+      // (qk_direct_pairs, pv_direct_pairs): at most kDirectRows of each.
+      const int64_t kt_floats =
+          pairs ? (bk_max + 1) / 2 * W
+                : std::max(a.E * round_up(bk_max, KP),
+                           kDirectRows * (round_up(a.E, 2 * W) + round_up(bk_max, 2 * W)) / 2);
+      t.kt = lanes && !pairs ? nullptr : thread_scratch(1, kt_floats);
       t.vp = lanes && !pairs ? nullptr
                              : thread_scratch(2, pairs ? (bk_max + 1) / 2 * a.Ev : bk_max * evp);
       t.s = thread_scratch(3, lanes ? W * bk_max : RM * round_up(bk_max, KP));
