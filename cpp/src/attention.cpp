@@ -233,15 +233,16 @@ void qk_direct(int64_t R, float* s, int64_t lds, const float* qs, const KT* k, i
 }
 
 #if defined(__AVX512BF16__)
-// qb (R × round_up(E, 32), rows apart by ldq) = qs (R × E) rounded to bfloat16, zero past E:
-// the rows' q as qk_direct_pairs reads them, in natural order (a pair is two adjacent dims).
-void rows_to_bf16(bf16_t* qb, int64_t ldq, const float* qs, int64_t R, int64_t E) {
+// dst (R × round_up(n, 32), rows apart by ldd) = src (R × n, rows apart by lds) rounded to
+// bfloat16, zero past n: rows in natural order, whose pairs are two adjacent elements (of q:
+// two dims, for qk_direct_pairs; of P: two keys, for pv_direct_pairs).
+void rows_to_bf16(bf16_t* dst, int64_t ldd, const float* src, int64_t lds, int64_t R,
+                  int64_t n) {
   for (int64_t i = 0; i < R; ++i)
-    for (int64_t e = 0; e < ldq; e += 2 * W) {
-      const __mmask16 lo = lanes_below(E - e), hi = lanes_below(E - e - W);
-      const V a = _mm512_maskz_loadu_ps(lo, qs + i * E + e);
-      const V b = _mm512_maskz_loadu_ps(hi, qs + i * E + e + W);
-      _mm512_storeu_si512(qb + i * ldq + e, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+    for (int64_t e = 0; e < round_up(n, 2 * W); e += 2 * W) {
+      const V a = _mm512_maskz_loadu_ps(lanes_below(n - e), src + i * lds + e);
+      const V b = _mm512_maskz_loadu_ps(lanes_below(n - e - W), src + i * lds + e + W);
+      _mm512_storeu_si512(dst + i * ldd + e, (__m512i)_mm512_cvtne2ps_pbh(b, a));
     }
 }
 
@@ -324,12 +325,7 @@ template <int R>
 void pv_direct_pairs_rows(float* o, int64_t evp, const float* p, int64_t ldp, const bf16_t* v,
                           int64_t ldv, int64_t Ev, int64_t bk, bf16_t* pb) {
   const int64_t ldb = round_up(bk, 2 * W);
-  for (int i = 0; i < R; ++i)
-    for (int64_t j = 0; j < ldb; j += 2 * W) {
-      const V a = _mm512_maskz_loadu_ps(lanes_below(bk - j), p + i * ldp + j);
-      const V b = _mm512_maskz_loadu_ps(lanes_below(bk - j - W), p + i * ldp + j + W);
-      _mm512_storeu_si512(pb + i * ldb + j, (__m512i)_mm512_cvtne2ps_pbh(b, a));
-    }
+  rows_to_bf16(pb, ldb, p, ldp, R, bk);
   alignas(64) static constexpr int32_t kFirst[W] = {0, 1, 2, 3, 16, 17, 18, 19,
                                                     4, 5, 6, 7, 20, 21, 22, 23};
   alignas(64) static constexpr int32_t kSecond[W] = {8, 9, 10, 11, 24, 25, 26, 27,
@@ -456,6 +452,15 @@ Row make_row(const AttnArgs& a, int64_t b, int64_t kvh, int64_t r, const Partial
 struct Scratch {
   float *qs, *kt, *vp, *s, *o, *m, *l;
 };
+
+// The direct path's bfloat16 rows in the tile's kt scratch: q (kDirectRows rows of
+// round_up(E, 32)), then P (kDirectRows rows of round_up(bk_max, 32)), on targets with
+// AVX512-BF16 (qk_direct_pairs, pv_direct_pairs).
+inline int64_t direct_q_stride(int64_t E) { return round_up(E, 2 * W); }
+inline bf16_t* direct_q_bf16(const Scratch& t) { return reinterpret_cast<bf16_t*>(t.kt); }
+inline bf16_t* direct_p_bf16(const Scratch& t, int64_t E) {
+  return direct_q_bf16(t) + kDirectRows * direct_q_stride(E);
+}
 
 // The key blocks of one kv head: block i covers keys [i·bk_max, i·bk_max + bk). `packed`, when
 // not null, holds every block already packed (step 1 and the copy of step 5), block i at
@@ -595,10 +600,10 @@ void run_blocks(Pass pass, const AttnArgs& a, const Row* rows, int64_t R,
       float s_max[RM];
       if (kb.direct) {
 #if defined(__AVX512BF16__)
-        if constexpr (std::is_same_v<KT, bf16_t>) {  // q in bfloat16 (attend_tile), in t.kt
-          const int64_t ldq = round_up(E, 2 * W);
-          qk_direct_pairs(rr, t.s, bkp, reinterpret_cast<const bf16_t*>(t.kt) + i0 * ldq, ldq,
-                          kb.k + j0 * a.k_ss, a.k_ss, bk, E);
+        if constexpr (std::is_same_v<KT, bf16_t>) {  // q in bfloat16 (attend_tile)
+          const int64_t ldq = direct_q_stride(E);
+          qk_direct_pairs(rr, t.s, bkp, direct_q_bf16(t) + i0 * ldq, ldq, kb.k + j0 * a.k_ss,
+                          a.k_ss, bk, E);
         } else
 #endif
           qk_direct(rr, t.s, bkp, t.qs + i0 * E, kb.k + j0 * a.k_ss, a.k_ss, bk, E);
@@ -613,9 +618,8 @@ void run_blocks(Pass pass, const AttnArgs& a, const Row* rows, int64_t R,
 #if defined(__AVX512BF16__)
         if constexpr (std::is_same_v<KT, bf16_t>)  // a GQA group: pairs of keys on vdpbf16ps
           if (vd && rr >= 2) {
-            const int64_t ldq = round_up(E, 2 * W);  // P after the rows of q in t.kt
             pv_direct_pairs(rr, t.o + i0 * evp, evp, t.s, bkp, vd, ldv, a.Ev, bk,
-                            reinterpret_cast<bf16_t*>(t.kt) + kDirectRows * ldq);
+                            direct_p_bf16(t, E));
             continue;
           }
 #endif
@@ -647,7 +651,7 @@ void attend_tile(const AttnArgs& a, int64_t b, int64_t kvh, int64_t r0, int64_t 
   }
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same_v<KT, bf16_t>)  // the direct path's Q·Kᵀ (qk_direct_pairs)
-    if (kb.direct) rows_to_bf16(reinterpret_cast<bf16_t*>(t.kt), round_up(E, 2 * W), t.qs, R, E);
+    if (kb.direct) rows_to_bf16(direct_q_bf16(t), direct_q_stride(E), t.qs, E, R, E);
 #endif
   if (a.weights) {
     run_blocks(Pass::Stats, a, rows, R, kb, key_lo, key_hi, t);
@@ -1237,7 +1241,7 @@ void attention_typed(const AttnArgs& a) {
       const int64_t kt_floats =
           pairs ? (bk_max + 1) / 2 * W
                 : std::max(a.E * round_up(bk_max, KP),
-                           kDirectRows * (round_up(a.E, 2 * W) + round_up(bk_max, 2 * W)) / 2);
+                           kDirectRows * (direct_q_stride(a.E) + round_up(bk_max, 2 * W)) / 2);
       t.kt = lanes && !pairs ? nullptr : thread_scratch(1, kt_floats);
       t.vp = lanes && !pairs ? nullptr
                              : thread_scratch(2, pairs ? (bk_max + 1) / 2 * a.Ev : bk_max * evp);

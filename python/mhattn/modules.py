@@ -459,18 +459,15 @@ class MultiHeadAttention:
         S = c.S_new
         axis = 0 if c.unbatched or self.batch_first else 1  # of the batch in query, key, value
         out = weights = None
-        for mask_row in np.unique(rows, axis=0):
-            sel = np.flatnonzero(np.all(rows == mask_row, axis=1))
+        for mask_row, sel, keep, sub in self._mask_groups(rows):
             take = (lambda x: x) if len(sel) == c.B else (
                 lambda x: None if x is None else np.take(np.asarray(x), sel, axis=axis))
             q, k, v = take(query), take(key), take(value)
             kpm = None if key_padding_mask is None else (
                 key_padding_mask if len(sel) == c.B else np.asarray(key_padding_mask)[sel])
             am = attn_mask
-            keep = np.flatnonzero(mask_row)
             if am is not None and np.ndim(am) == 3:  # (B·H, L, S): this group's rows, kept heads
                 am = np.asarray(am).reshape(c.B, H, c.L, S)[sel][:, keep].reshape(-1, c.L, S)
-            sub = self._masked_layer(np.ascontiguousarray(mask_row, np.float32))
             if sub is None:  # every head masked: the out-projection's bias alone
                 shape = np.shape(q)[:-1] + (self.embed_dim,)
                 o = np.zeros(shape, np.float32)
@@ -495,10 +492,24 @@ class MultiHeadAttention:
                     w32 = np.asarray(w, np.float32).reshape(len(sel), len(keep), c.L, S)
                     weights[sel[:, None], keep[None, :]] = w32 * mask_row[keep][:, None, None]
         if need_weights:
-            if average_attn_weights:
-                weights = weights.mean(axis=1)
-            weights = _checks.cast(weights[0] if c.unbatched else weights, c.dtype)
+            weights = self._masked_weights(weights, average_attn_weights, c)
         return out, weights
+
+    def _mask_groups(self, rows):
+        """(mask_row, sel, keep, sub) for each distinct row of the masks rows (B, num_heads): the
+        batch rows sel that have it, the heads it keeps, and the layer with the others pruned
+        (_masked_layer; None when it keeps none)."""
+        for mask_row in np.unique(rows, axis=0):
+            yield (mask_row, np.flatnonzero(np.all(rows == mask_row, axis=1)),
+                   np.flatnonzero(mask_row),
+                   self._masked_layer(np.ascontiguousarray(mask_row, np.float32)))
+
+    @staticmethod
+    def _masked_weights(weights, average, c):
+        """The weights (B, H, L, S) of a masked call as it returns them."""
+        if average:
+            weights = weights.mean(axis=1)
+        return _checks.cast(weights[0] if c.unbatched else weights, c.dtype)
 
     def _mask_rows(self, m, c):
         """head_mask m, checked, as (B, num_heads) rows."""
@@ -546,10 +557,7 @@ class MultiHeadAttention:
         out = np.empty((B, L, self.embed_dim), np.float32)
         weights = np.zeros((B, H, L, S), np.float32) if need_weights else None
         scale = float(1.0 / np.sqrt(E))
-        for mask_row in np.unique(rows, axis=0):  # 2.
-            sel = np.flatnonzero(np.all(rows == mask_row, axis=1))
-            keep = np.flatnonzero(mask_row)
-            sub = self._masked_layer(np.ascontiguousarray(mask_row, np.float32))
+        for mask_row, sel, keep, sub in self._mask_groups(rows):  # 2.
             if sub is None:  # every head masked: the out-projection's bias alone
                 out[sel] = self._biases[3] if self.bias else 0.0
                 continue
@@ -557,18 +565,22 @@ class MultiHeadAttention:
             x_sel = xa if len(sel) == B else xa.reshape(B, L, -1)[sel].reshape(len(sel) * L, -1)
             q = project(x_sel, pq, sub._biases[0], len(keep) * E).reshape(len(sel), L, len(keep), E)
             concat = np.empty_like(q)
+            # (rows of q, rows of the cache): the whole batch at once, else one row at a time
+            runs = ([(slice(None), slice(None))] if len(sel) == B else
+                    [(slice(i, i + 1), slice(b, b + 1)) for i, b in enumerate(sel)])
             for j in np.unique(keep // G):
                 s, e = np.searchsorted(keep // G, [j, j + 1])
-                for i, b in enumerate(sel):  # (1, heads of kv head j, L, E) views, no copies
-                    one = lambda a: a[i:i + 1].transpose(0, 2, 1, 3)[:, s:e]
-                    w = np.empty((1, e - s, L, S), np.float32) if need_weights else None
-                    _core.attention(one(concat), w, one(q), cache[b:b + 1, j:j + 1, :S],
-                                    cache[b:b + 1, Hkv + j:Hkv + j + 1, :S],
-                                    *(None if mk is None else self._mask_slice(mk, b, keep[s:e])
+                for qr, cr in runs:  # (rows, heads of kv head j, L, E) views, no copies
+                    view = lambda a: a[qr].transpose(0, 2, 1, 3)[:, s:e]
+                    qv = view(q)
+                    w = np.empty(qv.shape[:3] + (S,), np.float32) if need_weights else None
+                    _core.attention(view(concat), w, qv, cache[cr, j:j + 1, :S],
+                                    cache[cr, Hkv + j:Hkv + j + 1, :S],
+                                    *(None if mk is None else self._mask_slice(mk, cr, keep[s:e])
                                       for mk in masks),
                                     True, pos, 0, scale, 0.0, kv_code)
                     if need_weights:
-                        weights[b, keep[s:e]] = w[0] * mask_row[keep[s:e]][:, None, None]
+                        weights[cr, keep[s:e]] = w * mask_row[keep[s:e]][:, None, None]
             o = project(concat.reshape(len(sel) * L, -1), po, sub._biases[3], self.embed_dim, 0)  # 3.
             out[sel] = o.reshape(len(sel), L, -1)
 
@@ -577,15 +589,14 @@ class MultiHeadAttention:
         elif not self.batch_first:
             out = out.transpose(1, 0, 2).copy()
         if need_weights:
-            if average_attn_weights:
-                weights = weights.mean(axis=1)
-            weights = _checks.cast(weights[0] if c.unbatched else weights, c.dtype)
+            weights = self._masked_weights(weights, average_attn_weights, c)
         return _checks.cast(out, c.dtype), weights
 
     @staticmethod
-    def _mask_slice(mask, b, heads):
-        """A kernel mask (array broadcast to (B, H, L, S), keep) cut to batch row b and `heads`."""
+    def _mask_slice(mask, rows, heads):
+        """A kernel mask (array broadcast to (B, H, L, S), keep) cut to the batch rows `rows` (a
+        slice) and `heads`."""
         a, keep = mask
-        a = a[b:b + 1]
+        a = a[rows]
         a = a[:, :len(heads)] if a.strides[1] == 0 else a[:, heads]
         return (a, keep)

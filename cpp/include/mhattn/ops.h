@@ -78,8 +78,8 @@ struct MaskArg {
 // q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), out: all with the last axis contiguous,
 // the other strides free. q and out are float32; k and v are of kv_dt, and a 16-bit kv_dt is
 // read in place by Kernels::attention only where Kernels::attention_reads says so (decode, and
-// bfloat16 on AVX512-BF16 without weights); mhattn::attention widens it first otherwise. weights (B, Hq, L, S) contiguous and
-// zero-filled, or null.
+// bfloat16 on AVX512-BF16 without weights); mhattn::attention widens it first otherwise.
+// weights (B, Hq, L, S) contiguous and zero-filled, or null.
 // Key j is visible to query l when the masks allow it and, with p = l + diag_offset,
 //   causal: j <= p;   window > 0: j > p - window (and j < p + window when not causal).
 // softcap > 0 caps every scaled score s to softcap · tanh(s / softcap) before the masks
