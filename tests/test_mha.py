@@ -195,3 +195,31 @@ def test_kv_cache_truncate_steps_back(rng):
         cache.truncate(7)
     cache.reset()
     assert len(cache) == 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_kv_cache_append_rounds_and_an_overflow_changes_nothing(rng, dtype):
+    # Layers that change keys after the projection (rotary positions) append themselves.
+    cache = mhattn.KVCache(2, 3, 7, 5, dtype=dtype)
+    k, v = (rng.standard_normal((2, 3, 4, 5), dtype=np.float32) for _ in range(2))
+    cache.append(k, v)
+    cache.append(k[:, :, :2], v[:, :, 2:])
+    assert len(cache) == 6 and cache.keys.dtype == cache.dtype
+    want_k = np.concatenate([k, k[:, :, :2]], 2).astype(cache.dtype)
+    want_v = np.concatenate([v, v[:, :, 2:]], 2).astype(cache.dtype)
+    np.testing.assert_array_equal(cache.keys, want_k)
+    np.testing.assert_array_equal(cache.values, want_v)
+    with pytest.raises(ValueError, match="overflow"):
+        cache.append(k[:, :, :2], v[:, :, :2])
+    for bad_k, bad_v, what in ((k[:, :2, :1], v[:, :2, :1], "num_kv_heads=3"),
+                               (k[..., :1, :4], v[..., :1, :4], "head_dim=5"),
+                               (k[:, :, :1], v[:, :, :2], "values 2"),
+                               (k[0, :, :1], v[0, :, :1], "batch=2")):
+        with pytest.raises(ValueError, match=what):
+            cache.append(bad_k, bad_v)
+    with pytest.raises(TypeError, match="keys"):
+        cache.append(k[:, :, :1].astype(np.int32), v[:, :, :1])
+    assert len(cache) == 6
+    np.testing.assert_array_equal(cache.keys, want_k)
+    cache.append(k[:, :, :1], v[:, :, :1])  # exactly full is fine
+    assert len(cache) == 7

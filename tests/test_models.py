@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 import mhattn
-from tolerances import BF16, TOL_MODEL_HALF
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -20,7 +19,7 @@ def example(name, monkeypatch=None):
     path = EXAMPLES / f"{name}.py"
     if not path.exists():
         pytest.skip(f"{path} is not here (tests run from an installed wheel)")
-    if monkeypatch is not None:  # the example imports its siblings (greedy.py)
+    if monkeypatch is not None:  # the examples' folder on sys.path, to import them by name
         monkeypatch.syspath_prepend(str(EXAMPLES))
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
@@ -53,71 +52,6 @@ def test_minilm_embeddings_match_sentence_transformers(monkeypatch):
         cos = (ours * theirs).sum(1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
         assert cos.min() >= 0.99999, cos
         assert np.abs(ours - theirs).max() <= 1e-4
-
-
-def check_greedy_against_transformers(torch, hf, model, prompt, steps):
-    """The decoder on mhattn must pick transformers' tokens, with logits within 1e-4 of a full
-    forward pass of transformers over the same sequence (no cache)."""
-    tokens, logits = example("greedy").generate(model, prompt, steps)
-    with torch.no_grad():
-        want = hf.generate(torch.from_numpy(prompt), max_new_tokens=steps, do_sample=False,
-                           pad_token_id=0)[:, prompt.shape[1]:].numpy()
-        seq = torch.from_numpy(np.concatenate([prompt, tokens], 1))
-        full = hf(seq).logits[:, prompt.shape[1] - 1:-1].numpy()
-    np.testing.assert_array_equal(tokens, want)
-    assert np.abs(logits - full).max() <= 1e-4
-
-
-def small_gpt2(torch, transformers):
-    """A random 3-layer GPT-2 (transformers), the same on every call."""
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(n_embd=96, n_head=6, n_layer=3, n_positions=64, vocab_size=300,
-                                  initializer_range=0.2, bos_token_id=None, eos_token_id=None)
-    return transformers.GPT2LMHeadModel(cfg).eval()
-
-
-@pytest.mark.parametrize("batch", [1, 3])
-def test_gpt2_greedy_decode_with_kv_cache_matches_transformers(monkeypatch, batch):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    hf = small_gpt2(torch, transformers)
-    cfg = hf.config
-    model = example("gpt2_decode", monkeypatch).GPT2(hf)
-    prompt = np.random.default_rng(batch).integers(0, cfg.vocab_size, (batch, 7))
-    check_greedy_against_transformers(torch, hf, model, prompt, 20)
-
-
-
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_gpt2_decoding_in_half_follows_float32(monkeypatch, dtype):
-    # Teacher-forced over one sequence: the prompt in a chunk, then a token a step, every step's
-    # logits from the half model (weights and KV cache) within a model's tolerance in that dtype
-    # (TOL_MODEL_HALF) of the float32 model's, on logits scaled by their largest.
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    hf = small_gpt2(torch, transformers)
-    cfg = hf.config
-    ex = example("gpt2_decode", monkeypatch)
-    full, half = ex.GPT2(hf), ex.GPT2(hf, dtype=dtype)
-    seq = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 40))
-    c32, c16 = full.new_cache(2, 40), half.new_cache(2, 40)
-    assert c16[0].dtype == np.dtype(half.layers[0]["attention"].dtype)
-    t = TOL_MODEL_HALF[np.dtype(dtype) if dtype == "float16" else BF16]
-    for a, b in [(0, 8)] + [(i, i + 1) for i in range(8, 40)]:
-        want = full.forward(seq[:, a:b], c32)
-        got = half.forward(seq[:, a:b], c16)
-        scale = np.abs(want).max()
-        np.testing.assert_allclose(got / scale, want / scale, **t)
-
-@pytest.mark.parametrize("batch", [1, 2])
-def test_llama_gqa_greedy_decode_matches_transformers(monkeypatch, batch):
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    ex = example("llama_decode", monkeypatch)
-    hf = ex.small_random_llama()
-    assert hf.config.num_key_value_heads < hf.config.num_attention_heads  # grouped-query
-    prompt = np.random.default_rng(batch).integers(0, hf.config.vocab_size, (batch, 9))
-    check_greedy_against_transformers(torch, hf, ex.Llama(hf), prompt, 16)
 
 
 # ---- mhattn.models.SentenceEncoder --------------------------------------------------------

@@ -14,6 +14,10 @@ TOL = {
     "mha": dict(rtol=1e-4, atol=2e-5),
     "torch": dict(rtol=1e-4, atol=2e-5),   # float32 against float32: both sides round
     "threads": dict(rtol=1e-5, atol=1e-6),  # one result at two thread counts
+    # A whole decoder against transformers' float32 one, on logits scaled by their largest:
+    # both sides round every layer. Measured on the random 3-layer decoders of
+    # tests/test_decoders.py: up to 3e-6.
+    "model": dict(rtol=1e-4, atol=2e-5),
     # An activation alone, element by element over its whole float32 range: relative, since the
     # GELU tails reach 1e-38. Near x = -10 the argument of exp is ~ -50 and one float32 rounding
     # of it moves the result by 3e-6 relative; nothing computed in float32 does better.
@@ -46,10 +50,15 @@ def assert_close(actual, expected, op, dtype=np.float32):
 
 # A whole model in bfloat16 or float16 (weights, activations into every product, KV cache)
 # against the same model in float32, on outputs scaled by their largest: each layer's products
-# round their inputs again, so the error grows with depth. Measured on the GPT-2 example's
-# 3-layer random model (tests/test_models.py), over three seeds: up to 2.4e-2 of the largest logit in
-# bfloat16 and 3.5e-3 in float16.
+# round their inputs again, so the error grows with depth. Measured on the random 3-layer
+# decoders of tests/test_decoders.py (initializer range 0.2, so activations are large), over
+# three seeds, teacher-forced: GPT-2 up to 2.4e-2 in bfloat16 and 3.5e-3 in float16; the Llama
+# family (SwiGLU, whose product doubles the relative error, RMSNorm) up to 1.05e-1 and 1.15e-2.
+# transformers' own model in that dtype deviates as much (GPT-2 2.7e-2 and 3.0e-3, the Llama
+# family 1.5e-1 and 1.3e-2), so the tests also ask for no more than MODEL_HALF_VS_TORCH times
+# its deviation (measured: at most 1.5 times).
 TOL_MODEL_HALF = {
-    BF16: dict(rtol=4e-2, atol=4e-2),
-    np.dtype(np.float16): dict(rtol=6e-3, atol=6e-3),
+    BF16: dict(rtol=1.5e-1, atol=1.5e-1),
+    np.dtype(np.float16): dict(rtol=1.5e-2, atol=1.5e-2),
 }
+MODEL_HALF_VS_TORCH = 2.0

@@ -38,7 +38,8 @@ class Case:
     decode step of the layer with a KV cache holding S - 1 tokens), gemm (x (M, K) @ W (N, K).T),
     tiny (the cost of a call), model (a batch of B sentences through all-MiniLM-L6-v2; with
     `padded`, mhattn computes the padded positions too, as sentence-transformers does), token
-    (one greedy decoding step of examples/gpt2_decode.py with S - 1 tokens cached)."""
+    (one greedy decoding step of a mhattn.models.CausalLM with S - 1 tokens cached; model
+    "gpt2" or "llama", DECODER_LAYERS layers of random weights)."""
 
     group: str
     kind: str
@@ -91,7 +92,8 @@ class Case:
             return f"MiniLM-L6, {self.B} sentences" + (", padded" if self.padded else "")
         if self.kind == "token":
             half = "" if self.dtype == "float32" else f", {self.dtype} weights and cache"
-            return f"GPT-2 D{self.Hq * self.E} H{self.Hq}, {self.S - 1} cached + 1{half}"
+            name = {"gpt2": "GPT-2", "llama": "Llama"}[self.model]
+            return f"{name} D{self.Hq * self.E} H{self.Hq}{gqa}, {self.S - 1} cached + 1{half}"
         if self.kind == "hf":
             what = {"minilm": f"MiniLM-L6 {self.B} sentences",
                     "llama": f"Llama {self.L} tokens" if self.S == self.L else
@@ -235,11 +237,13 @@ def preset(name, args):
         return [Case("all-MiniLM-L6-v2 over a corpus", "dask", B=2000, part=part, repeats=3,
                      target={"2x1": "1.7x 1x1; 1.0x process"}.get(part, ""))
                 for part in ("1x1", "2x1", "process")]
-    if name == "gpt2":  # the cost of a token as the cache grows; GPT2_LAYERS layers
-        return [Case("GPT-2 decoding, per token", "token", 1, 8, 8, 1, s, 64, target=t)
-                for s, t in ((65, ""), (1025, "1.3x flat"))] + [
+    if name in ("gpt2", "llama"):  # the cost of a token as the cache grows
+        group = {"gpt2": "GPT-2", "llama": "Llama"}[name] + " decoding, per token"
+        Hkv = 8 if name == "gpt2" else 2
+        return [Case(group, "token", 1, 8, Hkv, 1, s, 64, model=name, target=t)
+                for s, t in ((65, ""), (1025, "1.3x flat; 2.0x torch"))] + [
             # in bfloat16 (weights and cache), against the same model in float32
-            Case("GPT-2 decoding, per token", "token", 1, 8, 8, 1, 1025, 64, dtype="bfloat16",
+            Case(group, "token", 1, 8, Hkv, 1, 1025, 64, model=name, dtype="bfloat16",
                  target="1.3x fp32")]
     if name == "tiny":
         return [Case("tiny call", "tiny", 1, 1, 1, 1, 16, 64, target="10us"),
@@ -257,8 +261,9 @@ def preset(name, args):
 
 PRESETS = ["heads", "fixed-dim", "design", "causal", "gqa", "decode", "layer", "heads-masked", "layer-heads",
            "layer-fixed-dim", "cache", "pruned", "gemm", "gemm-bf16", "gemm-f16", "attention-bf16",
-           "attention-f16", "decode-bf16", "decode-f16", "tiny", "minilm", "dask", "gpt2", "hf"]
-GPT2_LAYERS = 4
+           "attention-f16", "decode-bf16", "decode-f16", "tiny", "minilm", "dask", "gpt2", "llama",
+           "hf"]
+DECODER_LAYERS = 4
 # The Llama-style model of the hf preset (random weights): the shape of the design's figures.
 HF_LLAMA = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
                 num_attention_heads=16, num_key_value_heads=4, vocab_size=8192,
@@ -374,17 +379,27 @@ def add_dask_ratios(results):
             res["mhattn"]["dask_rates"] = rates
 
 
-def gpt2_model(case):
-    """A random GPT-2 of the case's width and heads (transformers), and the token it steps on."""
+def decoder_model(case):
+    """A random transformers decoder of the case's width and heads: GPT-2, or Llama with
+    case.Hkv kv heads and a SwiGLU of 2.75 times the width."""
     try:
         import torch
-        from transformers import GPT2Config, GPT2LMHeadModel
+        import transformers
     except ImportError as e:
         raise Skip(f"{e.name} is not installed") from None
     torch.manual_seed(0)
-    cfg = GPT2Config(n_embd=case.Hq * case.E, n_head=case.Hq, n_layer=GPT2_LAYERS, n_positions=case.S,
-                     vocab_size=500, initializer_range=0.2, bos_token_id=None, eos_token_id=None)
-    return GPT2LMHeadModel(cfg).eval()
+    D = case.Hq * case.E
+    if case.model == "gpt2":
+        cfg = transformers.GPT2Config(n_embd=D, n_head=case.Hq, n_layer=DECODER_LAYERS,
+                                      n_positions=case.S, vocab_size=500, initializer_range=0.2,
+                                      bos_token_id=None, eos_token_id=None)
+        return transformers.GPT2LMHeadModel(cfg).eval()
+    cfg = transformers.LlamaConfig(hidden_size=D, num_attention_heads=case.Hq,
+                                   num_key_value_heads=case.Hkv, intermediate_size=D * 11 // 4,
+                                   num_hidden_layers=DECODER_LAYERS, vocab_size=500,
+                                   max_position_embeddings=case.S, initializer_range=0.2,
+                                   bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    return transformers.LlamaForCausalLM(cfg).eval()
 
 
 # ------------------------------------------------------------------------------------------
@@ -502,7 +517,7 @@ def make_inputs(case, rng):
         return dict(model=model, ids=torch.from_numpy(rng.integers(0, HF_LLAMA["vocab_size"],
                                                                    (case.B, case.S))))
     if case.kind == "token":
-        return dict(hf=gpt2_model(case), ids=rng.integers(0, 500, (case.B, case.S)))
+        return dict(hf=decoder_model(case), ids=rng.integers(0, 500, (case.B, case.S)))
     if case.kind in ("model", "pruned"):
         return dict(sentences=[SENTENCES[i % len(SENTENCES)] for i in range(case.B)])
     if case.kind == "dask":  # a corpus of case.B lines of many lengths: shuffled harness sentences
@@ -533,9 +548,11 @@ def make_inputs(case, rng):
     return dict(q=q, k=k, v=v)
 
 
-def gpt2_step(case, inp, dtype):
-    """One decoding step of examples/gpt2_decode.py in dtype, with case.S - 1 tokens cached."""
-    model = example("gpt2_decode").GPT2(inp["hf"], dtype=dtype)
+def decoder_step(case, inp, dtype):
+    """One decoding step of mhattn.models.CausalLM in dtype, with case.S - 1 tokens cached."""
+    from mhattn.models import CausalLM
+
+    model = CausalLM.from_transformers(inp["hf"], dtype=dtype)
     cache = model.new_cache(case.B, case.S)
     model.forward(inp["ids"][:, :-1], cache)  # the S - 1 tokens before
 
@@ -557,7 +574,7 @@ def run_mhattn(case, inp):
         q, k, v = (torch.from_numpy(inp[n]) for n in "qkv")
         return lambda: mhattn.scaled_dot_product_attention(q, k, v).numpy()
     if case.kind == "token":
-        return gpt2_step(case, inp, case.dtype)
+        return decoder_step(case, inp, case.dtype)
     if case.kind == "model":
         model = minilm()
         return lambda: model.encode(inp["sentences"], skip_padding=not case.padded)
@@ -918,7 +935,7 @@ def bench_case(case, engines, repeats, rounds, pause, min_sample_s, rng):
         twin = (lambda: mhattn.scaled_dot_product_attention(q32, k32, v32, is_causal=case.causal,
                                                              enable_gqa=gqa), [])
     if case.kind == "token" and case.dtype != "float32" and "mhattn" in fns:
-        twin = (gpt2_step(case, inp, "float32"), [])  # the same model and step in float32
+        twin = (decoder_step(case, inp, "float32"), [])  # the same model and step in float32
     if case.part == "head_mask" and "mhattn" in fns:  # the same layer with every head
         twin = (lambda: inp["mod"](inp["x"])[0], [])
     if case.kind == "gemm" and case.dtype != "float32" and "mhattn" in fns:
@@ -1064,14 +1081,15 @@ def add_flatness(results):
     extra cached keys and values at the bandwidth measured beside it, over the cost with the short
     cache."""
     for case, res in results:
-        if not case.target.endswith("flat") or "median_s" not in res["mhattn"]:
+        flat = any(t.endswith("flat") for t in case.target.split("; "))
+        if not flat or "median_s" not in res["mhattn"]:
             continue
         short = [(c, r) for c, r in results if c.group == case.group and c.S < case.S
                  and "median_s" in r["mhattn"]]
         if not short:
             continue
         c0, r0 = min(short, key=lambda cr: cr[0].S)
-        extra = GPT2_LAYERS * (case.bytes - c0.bytes)  # the extra keys and values, every layer
+        extra = DECODER_LAYERS * (case.bytes - c0.bytes)  # the extra keys and values, every layer
         me = res["mhattn"]
         me["flat_ratio"] = (me["median_s"] - extra / me["read_gbps"] / 1e9) / r0["mhattn"]["median_s"]
 

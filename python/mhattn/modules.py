@@ -125,6 +125,28 @@ class KVCache:
         v.flags.writeable = False
         return v
 
+    def append(self, keys, values):
+        """Add the keys and values (batch, num_kv_heads, T, head_dim) of T new tokens, rounded
+        to the cache's dtype; for layers that change keys after the projection (rotary
+        positions), which then attend over .keys and .values with
+        scaled_dot_product_attention. Overflow raises ValueError and leaves the cache as it
+        was."""
+        k = _checks.as_dtype(keys, self.dtype, "keys")
+        v = _checks.as_dtype(values, self.dtype, "values")
+        want = (self.batch, self.num_kv_heads, self.head_dim)
+        for name, a in (("keys", k), ("values", v)):
+            if a.ndim != 4 or (a.shape[0], a.shape[1], a.shape[3]) != want:
+                raise ValueError(f"KVCache.append: {name} must be (batch={self.batch}, "
+                                 f"num_kv_heads={self.num_kv_heads}, T, head_dim="
+                                 f"{self.head_dim}), got {a.shape}")
+        if k.shape[2] != v.shape[2]:
+            raise ValueError(f"KVCache.append: keys hold {k.shape[2]} tokens, values {v.shape[2]}")
+        self._check_room(k.shape[2])
+        end = self._len + k.shape[2]
+        self._kv[:, :self.num_kv_heads, self._len:end] = k
+        self._kv[:, self.num_kv_heads:, self._len:end] = v
+        self._len = end
+
     def reset(self):
         """Forget every token (the memory is kept)."""
         self.truncate(0)
@@ -144,6 +166,9 @@ class KVCache:
                 f"kv_cache holds batch {self.batch}, {self.num_kv_heads} kv heads of dim "
                 f"{self.head_dim}; this call has batch {batch} and the layer {mod.num_kv_heads} "
                 f"kv heads of dim {mod.head_dim}")
+        self._check_room(new)
+
+    def _check_room(self, new):
         if self._len + new > self.max_len:
             raise ValueError(f"kv_cache overflow: it holds {self._len} of {self.max_len} tokens "
                              f"and this call adds {new}; the cache is unchanged")

@@ -1,11 +1,9 @@
-"""Whole models on mhattn's kernels.
-
-SentenceEncoder: a sentence-transformers model whose encoder is BERT (all-MiniLM-L6-v2 and its
-kind): tokenizer, embeddings, the encoder layers (attention on MultiHeadAttention, the
+"""SentenceEncoder: a sentence-transformers model whose encoder is BERT (all-MiniLM-L6-v2 and
+its kind): tokenizer, embeddings, the encoder layers (attention on MultiHeadAttention, the
 feed-forward on Linear with the GELU fused into the GEMM), pooling and normalisation, giving
 sentence-transformers' `encode` within float32 rounding. Its heads can be masked, ranked and
-pruned (head_importance, prune_heads). It needs `tokenizers` and `safetensors` (the `models`
-extra); mhattn itself does not.
+pruned (head_importance, prune_heads). It needs `tokenizers` (the `models` extra); mhattn
+itself does not.
 """
 
 from __future__ import annotations
@@ -15,20 +13,16 @@ import os
 
 import numpy as np
 
-from . import _checks
-from ._threads import threads as _threads
-from .modules import Linear, MultiHeadAttention
+from .. import _checks
+from .._threads import threads as _threads
+from ..modules import Linear, MultiHeadAttention
+from ._files import read_weights
+from ._norms import layer_norm
 
 __all__ = ["SentenceEncoder"]
 
 # sentence-transformers' pooling modes, in the order it concatenates them.
 _POOLING = ("cls_token", "max_tokens", "mean_tokens", "mean_sqrt_len_tokens")
-
-
-def _layer_norm(x, weight, bias, eps):
-    mean = x.mean(-1, keepdims=True)
-    var = ((x - mean) ** 2).mean(-1, keepdims=True)
-    return (x - mean) / np.sqrt(var + eps) * weight + bias
 
 
 class SentenceEncoder:
@@ -44,8 +38,6 @@ class SentenceEncoder:
 
     @classmethod
     def from_pretrained(cls, path, *, dtype="float32"):
-        from safetensors.numpy import load_file
-
         path = os.fspath(path)
         with open(os.path.join(path, "modules.json")) as f:
             modules = json.load(f)
@@ -70,7 +62,7 @@ class SentenceEncoder:
                 max_len = json.load(f).get("max_seq_length", max_len)
         with open(os.path.join(path, modules[0]["path"], "tokenizer.json")) as f:
             tokenizer = f.read()
-        weights = load_file(os.path.join(path, modules[0]["path"], "model.safetensors"))
+        weights = read_weights(os.path.join(path, modules[0]["path"]))
         weights = {k.removeprefix("bert."): v for k, v in weights.items()}
         state = dict(config=config, modes=modes, normalize=len(kinds) > 2, max_len=max_len,
                      tokenizer=tokenizer, weights=weights, dtype=_checks.compute_dtype(dtype).name,
@@ -176,7 +168,7 @@ class SentenceEncoder:
 
     def _embed_batch(self, ids, mask, skip_padding, head_masks, maps=None):
         B, T = ids.shape
-        x = _layer_norm(self.word[ids] + self.pos[:T] + self.type0, *self.emb_norm, self.eps)
+        x = layer_norm(self.word[ids] + self.pos[:T] + self.type0, *self.emb_norm, self.eps)
         x = x.astype(np.float32)
         padding = ~mask  # key_padding_mask: True where a token is padding
         rows = mask if skip_padding else np.ones_like(mask)  # the positions computed
@@ -188,8 +180,8 @@ class SentenceEncoder:
                                       need_weights=maps is not None, average_attn_weights=False)
             if maps is not None:
                 maps.append(w)
-            h = _layer_norm(h + a[rows], *layer["norm1"], self.eps)
-            h = _layer_norm(h + layer["down"](layer["up"](h)), *layer["norm2"], self.eps)
+            h = layer_norm(h + a[rows], *layer["norm1"], self.eps)
+            h = layer_norm(h + layer["down"](layer["up"](h)), *layer["norm2"], self.eps)
         x[rows] = h
         m = mask[..., None]
         pooled = []
