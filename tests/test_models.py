@@ -172,6 +172,36 @@ def test_attention_maps_and_the_heads_command(tmp_path):
     assert len(run.stdout.splitlines()) >= 8  # the header, a row per layer, the file
 
 
+def test_the_embed_command_writes_a_files_embeddings_in_order(tmp_path):
+    # python -m mhattn embed: every line (an empty one too) in the file's order, in chunks of
+    # 4 lines (so several calls), equal to one encode of all lines; a progress bar and a
+    # throughput line on stderr.
+    import subprocess
+    import sys
+
+    from mhattn.models import SentenceEncoder
+
+    lines = SENTENCES + ["", "one more line"] + SENTENCES[::-1]
+    text = tmp_path / "in.txt"
+    text.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "out.npy"
+    model = SentenceEncoder.from_pretrained(minilm_path())
+    for dtype in ("float32", "bfloat16"):
+        run = subprocess.run([sys.executable, "-m", "mhattn", "embed", str(text), "-o", str(out),
+                              "--model", str(minilm_path()), "--chunk", "4", "--dtype", dtype],
+                             capture_output=True, text=True, check=True)
+        got = np.load(out)
+        assert got.shape == (len(lines), 384) and got.dtype == np.float32
+        want = (model if dtype == "float32" else
+                SentenceEncoder.from_pretrained(minilm_path(), dtype=dtype)).encode(lines)
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+        assert f"{len(lines)}/{len(lines)} lines" in run.stderr
+        assert f"sentences/s ({dtype})" in run.stderr.splitlines()[-1]
+    bad = subprocess.run([sys.executable, "-m", "mhattn", "embed", str(text), "-o", str(out),
+                          "--chunk", "0"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--chunk" in bad.stderr
+
+
 # ---- a corpus on a Dask cluster (examples/embed_corpus_dask.py) ---------------------------
 
 
