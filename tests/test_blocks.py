@@ -1,4 +1,5 @@
-"""The building blocks softmax, linear and matmul, and the kernels' vector exp."""
+"""The building blocks softmax, linear, matmul, layer_norm and rms_norm, and the kernels' vector
+exp."""
 
 import numpy as np
 import pytest
@@ -203,3 +204,49 @@ def test_linear_layer_follows_the_active_target(rng):
             assert_close(layer(x), ref.linear(x, w), "gemm")
     finally:
         _core.set_target(before)
+
+
+# ---- layer_norm and rms_norm ---------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 5, 17, 384, 1001])
+@pytest.mark.parametrize("residual", [False, True])
+def test_norms_against_the_reference(isa, threads, rng, n, residual):
+    # 300 rows: enough to be split across threads at n >= 384
+    x = mat(rng, 300, n) * 3 + 1.5  # a mean far from 0: the variance is taken about it
+    r = mat(rng, 300, n) if residual else None
+    w, b = mat(rng, n), mat(rng, n)
+    assert_close(mhattn.layer_norm(x, w, b, 1e-5, residual=r),
+                 ref.layer_norm(x, w, b, 1e-5, r), "norm")
+    assert_close(mhattn.layer_norm(x, w, residual=r), ref.layer_norm(x, w, None, 1e-5, r), "norm")
+    assert_close(mhattn.rms_norm(x, w, 1e-6, residual=r), ref.rms_norm(x, w, 1e-6, r), "norm")
+
+
+def test_norms_keep_leading_axes_strides_and_the_half_dtypes(rng):
+    x = mat(rng, 2, 3, 40)[:, :, ::2]  # a strided last axis
+    w, b = mat(rng, 20), mat(rng, 20)
+    r = mat(rng, 2, 3, 20)
+    assert_close(mhattn.layer_norm(x, w, b, residual=r), ref.layer_norm(x, w, b, 1e-5, r), "norm")
+    for dtype in (BF16, np.dtype(np.float16)):
+        xh = x.astype(dtype)
+        want = ref.rms_norm(xh.astype(np.float32), w, 1e-6)
+        assert_close(mhattn.rms_norm(xh, w), want, "norm", dtype)
+    # eps = 0 on a constant row: LayerNorm divides by sqrt(0); NaN or inf, as the formula says
+    with np.errstate(all="ignore"):
+        assert not np.isfinite(mhattn.layer_norm(np.ones((1, 4), np.float32), np.ones(4), eps=0.0)).any()
+
+
+def test_norms_bad_input_raises():
+    x = np.zeros((3, 4), np.float32)
+    with pytest.raises(ValueError, match="weight must be"):
+        mhattn.layer_norm(x, np.ones(5))
+    with pytest.raises(ValueError, match="bias must be"):
+        mhattn.layer_norm(x, np.ones(4), np.ones(3))
+    with pytest.raises(ValueError, match="residual must have"):
+        mhattn.rms_norm(x, np.ones(4), residual=np.zeros((3, 5), np.float32))
+    with pytest.raises(ValueError, match="eps"):
+        mhattn.rms_norm(x, np.ones(4), eps=-1.0)
+    with pytest.raises(ValueError, match="scalar"):
+        mhattn.layer_norm(np.float32(1.0), np.ones(1))
+    with pytest.raises(TypeError, match="x must be"):
+        mhattn.layer_norm(x.astype(np.int32), np.ones(4))
+    assert mhattn.layer_norm(np.zeros((0, 4), np.float32), np.ones(4)).shape == (0, 4)

@@ -254,6 +254,28 @@ PYBIND11_MODULE(_core, m) {
     mhattn::kernels().softmax(y, in, R, n, n);
   }, "out"_a, "x"_a);
 
+  // out (R, n) = LayerNorm (rms: RMSNorm) of each row of x + residual (R, n; residual may be
+  // None) times weight (n), plus bias (n; may be None); all C-contiguous, out may be x.
+  m.def("norm", [](py::array out, const py::array& x, const py::object& residual,
+                   const py::array& weight, const py::object& bias, float eps, bool rms) {
+    float* y = out_f32(out, "out", 2);
+    const float* in = in_f32(x, "x", 2);
+    const float* r = residual.is_none() ? nullptr : in_f32(residual.cast<py::array>(), "residual", 2);
+    const float* w = in_f32(weight, "weight", 1);
+    const float* b = opt_f32(bias, "bias");
+    const int64_t R = x.shape(0), n = x.shape(1);
+    auto rows_like_x = [&](const py::array& a) {
+      return a.shape(0) == R && a.shape(1) == n && (R <= 1 || st(a, 0) == n) &&
+             (n <= 1 || st(a, 1) == 1);
+    };
+    require(rows_like_x(x) && rows_like_x(out) &&
+                (residual.is_none() || rows_like_x(residual.cast<py::array>())) &&
+                weight.shape(0) == n && (bias.is_none() || bias.cast<py::array>().shape(0) == n),
+            "norm wants C-contiguous x, residual and out of one shape, weight and bias (n)");
+    py::gil_scoped_release release;
+    mhattn::kernels().norm(y, in, r, w, b, R, n, eps, rms);
+  }, "out"_a, "x"_a, "residual"_a, "weight"_a, "bias"_a, "eps"_a, "rms"_a);
+
   // out (B, Hq, L, Ev) = attention(q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev)).
   // k and v of dtype code kv_dtype (in_typed); q, out and weights float32.
   m.def("attention", [](py::array out, const py::object& weights, const py::array& q,

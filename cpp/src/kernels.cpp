@@ -1,5 +1,5 @@
 // kernels.cpp: the table of one target's kernels. Compiled once per target with the kernels,
-// so `kernels()` of mhattn::avx2 hands out the AVX2 builds of gemm/, softmax.cpp and
+// so `kernels()` of mhattn::avx2 hands out the AVX2 builds of gemm/, softmax.cpp, norm.cpp and
 // attention.cpp.
 #include "mhattn/ops.h"
 
@@ -26,6 +26,9 @@ void to_float(float* dst, const uint16_t* src, int64_t n, DType dt);
 // softmax.cpp
 void softmax(float* out, const float* x, int64_t rows, int64_t n, int64_t ld);
 void vexp_array(float* out, const float* x, int64_t n, bool softmax);
+// norm.cpp
+void norm(float* out, const float* x, const float* r, const float* w, const float* b,
+          int64_t rows, int64_t n, float eps, bool rms);
 // attention.cpp
 void attention(const AttnArgs& args);
 bool attention_reads(const AttnArgs& args);
@@ -34,7 +37,7 @@ double peak_flops(int64_t iters, bool bf16);
 
 const Kernels* kernels() {
   static const Kernels table = {MHATTN_STR(MHATTN_TARGET), panel_width(), b_layout,
-                                packed_size, pack_b, gemm, gemm_raw, to_half, to_float, softmax, attention,
+                                packed_size, pack_b, gemm, gemm_raw, to_half, to_float, softmax, norm, attention,
                                 attention_reads, vexp_array, peak_flops};
   return &table;
 }

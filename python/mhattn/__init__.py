@@ -16,7 +16,7 @@ import os
 from . import _core, models, reference
 from ._core import __version__
 from ._threads import threads
-from .functional import linear, matmul, scaled_dot_product_attention, softmax
+from .functional import layer_norm, linear, matmul, rms_norm, scaled_dot_product_attention, softmax
 from .modules import KVCache, Linear, MultiHeadAttention
 
 __all__ = [
@@ -28,6 +28,8 @@ __all__ = [
     "softmax",
     "linear",
     "matmul",
+    "layer_norm",
+    "rms_norm",
     "set_num_threads",
     "get_num_threads",
     "threads",

@@ -1,5 +1,5 @@
-"""The functional API: scaled_dot_product_attention and the building blocks softmax, linear and
-matmul. Each checks its input (mhattn._checks), allocates the output and calls the C++ core
+"""The functional API: scaled_dot_product_attention and the building blocks softmax, linear,
+matmul, layer_norm and rms_norm. Each checks its input (mhattn._checks), allocates the output and calls the C++ core
 with the GIL released. Each also takes torch tensors and then returns torch tensors
 (mhattn._torch).
 
@@ -17,7 +17,7 @@ import numpy as np
 from . import _checks, _core
 from ._torch import accepts_tensors
 
-__all__ = ["scaled_dot_product_attention", "softmax", "linear", "matmul"]
+__all__ = ["scaled_dot_product_attention", "softmax", "linear", "matmul", "layer_norm", "rms_norm"]
 
 
 @accepts_tensors
@@ -116,6 +116,50 @@ def _rows_through(x, weight_shape, compute, product):
     xa, xcode = _checks.native(x2)
     product(out, xa, xcode)
     return _checks.cast(out, dtype).reshape(a.shape[:-1] + (N,))
+
+
+@accepts_tensors
+def layer_norm(x, weight, bias=None, eps=1e-5, *, residual=None):
+    """LayerNorm over the last axis of x + residual (residual, of x's shape, may be None):
+    (s - mean(s)) / sqrt(var(s) + eps) * weight + bias, in one pass of the kernels over each
+    row (the residual added as it is read). x (..., n), weight and bias (n) -> (..., n) in x's
+    dtype, computed in float32. As torch's F.layer_norm over the last axis, with the
+    residual add of a post-norm block (BERT) fused in."""
+    return _norm(x, residual, weight, bias, eps, False)
+
+
+@accepts_tensors
+def rms_norm(x, weight, eps=1e-6, *, residual=None):
+    """RMSNorm over the last axis of x + residual: s / sqrt(mean(s²) + eps) * weight (Llama,
+    Qwen2, Mistral), in x's dtype, computed in float32."""
+    return _norm(x, residual, weight, None, eps, True)
+
+
+def _norm(x, residual, weight, bias, eps, rms):
+    dtype = _checks.result_dtype(_checks.as_array(x).dtype)
+    a = _checks.as_float(x, "x")
+    if a.ndim == 0:
+        raise ValueError("a norm needs an array with at least one axis, got a scalar")
+    n = a.shape[-1]
+    rows = np.ascontiguousarray(a).reshape(-1, n)
+    r = None
+    if residual is not None:
+        r = _checks.as_float(residual, "residual")
+        if r.shape != a.shape:
+            raise ValueError(f"residual must have x's shape {a.shape}, got {r.shape}")
+        r = np.ascontiguousarray(r).reshape(-1, n)
+    w = np.ascontiguousarray(_checks.as_float(weight, "weight"))
+    b = None if bias is None else np.ascontiguousarray(_checks.as_float(bias, "bias"))
+    for name, v in (("weight", w), ("bias", b)):
+        if v is not None and v.shape != (n,):
+            raise ValueError(f"{name} must be ({n},) for x {a.shape}, got {v.shape}")
+    eps = float(eps)
+    if not (eps >= 0 and math.isfinite(eps)):
+        raise ValueError(f"eps must be finite and at least 0, got {eps}")
+    out = np.empty_like(rows)
+    if out.size:
+        _core.norm(out, rows, r, w, b, eps, rms)
+    return _checks.cast(out, dtype).reshape(a.shape)
 
 
 @accepts_tensors

@@ -490,13 +490,17 @@ class MultiHeadAttention:
         B, T = len(n), int(n.max(initial=0))
         keep = np.arange(T) < n[:, None]  # (B, T): the real tokens of each sequence
         packed, weights = self._packed.get(), self._packed._weights
-        grids = []
+        # q, k and v of the (B, T) grid in one buffer, float32 as in the layer's own call; the
+        # padding is zeros (masked out as keys, its query rows dropped)
+        grid = np.empty((B, T, sum(w.shape[0] for w in weights[:3])), np.float32)
+        grid[~keep] = 0
+        grids, col = [], 0
         for i, heads in enumerate((self.num_heads, self.num_kv_heads, self.num_kv_heads)):
-            # float32 between the products, as in the layer's own call
-            grid = np.zeros((B, T, weights[i].shape[0]), np.float32)
-            grid[keep] = functional.apply_linear(x, weights[i].shape, packed[i], self._biases[i],
+            part = grid[..., col:col + weights[i].shape[0]]
+            part[keep] = functional.apply_linear(x, weights[i].shape, packed[i], self._biases[i],
                                                  0, self.dtype)
-            grids.append(grid.reshape(B, T, heads, self.head_dim).transpose(0, 2, 1, 3))  # (B, h, T, E)
+            grids.append(part.reshape(B, T, heads, self.head_dim).transpose(0, 2, 1, 3))  # (B, h, T, E)
+            col += weights[i].shape[0]
         o = functional.scaled_dot_product_attention(*grids, attn_mask=keep[:, None, None, :],
                                                     is_causal=is_causal, enable_gqa=True)
         rows = o.transpose(0, 2, 1, 3)[keep].reshape(len(x), self.num_heads * self.head_dim)

@@ -18,6 +18,8 @@ __all__ = [
     "ACTIVATIONS",
     "linear",
     "matmul",
+    "layer_norm",
+    "rms_norm",
     "visible_keys",
     "scaled_dot_product_attention",
     "multi_head_attention",
@@ -76,6 +78,21 @@ def linear(x, weight, bias=None, activation=None):
 def matmul(a, b):
     """a @ b with NumPy's rules for 1-D operands and batch broadcasting."""
     return np.matmul(np.asarray(a, np.float64), np.asarray(b, np.float64))
+
+
+def layer_norm(x, weight, bias=None, eps=1e-5, residual=None):
+    """LayerNorm over the last axis of x + residual: (s - mean) / sqrt(var + eps) * weight + bias."""
+    s = np.asarray(x, np.float64) + (0.0 if residual is None else np.asarray(residual, np.float64))
+    mean = s.mean(-1, keepdims=True)
+    var = ((s - mean) ** 2).mean(-1, keepdims=True)
+    out = (s - mean) / np.sqrt(var + eps) * np.asarray(weight, np.float64)
+    return out if bias is None else out + np.asarray(bias, np.float64)
+
+
+def rms_norm(x, weight, eps=1e-6, residual=None):
+    """RMSNorm over the last axis of x + residual: s / sqrt(mean(s²) + eps) * weight."""
+    s = np.asarray(x, np.float64) + (0.0 if residual is None else np.asarray(residual, np.float64))
+    return s / np.sqrt((s * s).mean(-1, keepdims=True) + eps) * np.asarray(weight, np.float64)
 
 
 def visible_keys(L, S, is_causal=False, causal_align="top_left", window=None):

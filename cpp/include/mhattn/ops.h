@@ -134,6 +134,10 @@ struct Kernels {
   void (*to_float)(float* dst, const uint16_t* src, int64_t n, DType dt);
   // out = softmax(x) over each row of n; rows apart by ld in both. out may equal x.
   void (*softmax)(float* out, const float* x, int64_t rows, int64_t n, int64_t ld);
+  // out (rows, n) = LayerNorm (or RMSNorm when rms) of each row of x + r (r may be null),
+  // times w, plus b (may be null; LayerNorm only); all C-contiguous, out may equal x or r.
+  void (*norm)(float* out, const float* x, const float* r, const float* w, const float* b,
+               int64_t rows, int64_t n, float eps, bool rms);
   void (*attention)(const AttnArgs& args);
   // Whether attention reads this call's 16-bit k and v as they are (else they must be float32):
   // the direct path's few rows, and bfloat16 where the target has a bfloat16 lanes path.

@@ -25,10 +25,9 @@ import numpy as np
 from .. import _checks
 from .._threads import threads as _threads
 from .._torch import weight_array
-from ..functional import scaled_dot_product_attention
+from ..functional import layer_norm, rms_norm, scaled_dot_product_attention
 from ..modules import KVCache, Linear, MultiHeadAttention
 from ._files import read_json, read_weights
-from ._norms import layer_norm, rms_norm
 
 __all__ = ["CausalLM"]
 

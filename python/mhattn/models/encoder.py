@@ -14,10 +14,10 @@ import os
 import numpy as np
 
 from .. import _checks
+from ..functional import layer_norm
 from .._threads import threads as _threads
 from ..modules import Linear, MultiHeadAttention
 from ._files import read_weights
-from ._norms import layer_norm
 
 __all__ = ["SentenceEncoder"]
 
@@ -168,12 +168,13 @@ class SentenceEncoder:
 
     def _embed_batch(self, ids, mask, skip_padding, head_masks, maps=None):
         B, T = ids.shape
-        x = layer_norm(self.word[ids] + self.pos[:T] + self.type0, *self.emb_norm, self.eps)
-        x = x.astype(np.float32)
         padding = ~mask  # key_padding_mask: True where a token is padding
         rows = mask if skip_padding else np.ones_like(mask)  # the positions computed
         lengths = mask.sum(1)
-        h = x[rows]
+        positions = np.broadcast_to(np.arange(T), (B, T))[rows]
+        h = layer_norm((self.word[ids[rows]] + self.pos[positions] + self.type0).astype(np.float32),
+                       *self.emb_norm, self.eps)
+        x = np.zeros((B, T, h.shape[1]), np.float32)  # the (B, T) grid, where it is needed
         for i, layer in enumerate(self.layers):
             hm = None if head_masks is None else head_masks.get(i)
             if skip_padding and hm is None and maps is None:  # the real tokens alone
@@ -185,8 +186,8 @@ class SentenceEncoder:
                 a = a[rows]
                 if maps is not None:
                     maps.append(w)
-            h = layer_norm(h + a, *layer["norm1"], self.eps)
-            h = layer_norm(h + layer["down"](layer["up"](h)), *layer["norm2"], self.eps)
+            h = layer_norm(a, *layer["norm1"], self.eps, residual=h)
+            h = layer_norm(layer["down"](layer["up"](h)), *layer["norm2"], self.eps, residual=h)
         x[rows] = h
         m = mask[..., None]
         pooled = []
