@@ -191,13 +191,62 @@ void qk(int64_t R, float* s, float* row_max, const float* qs, const float* kt, i
   with_rows<RM>(R, [&](auto r) { qk_rows<decltype(r)::value>(s, row_max, qs, kt, bkp, E); });
 }
 
+// s (R × n, rows apart by lds) = qs (R × E) · kᵀ for n ≤ KG = W / R keys of k (rows k_ss
+// apart), R ≥ 2 rows (a GQA group): W dims of every key of the group at a time, each widened
+// once (vload_f32: float16 costs a conversion per vector) and multiplied into all R rows. The
+// R·KG sums fill one W × W transpose, as in qk_direct_pairs_group; the dims past the last
+// whole vector are added one by one.
+template <int R, bool Full, class KT>
+void qk_direct_group(float* s, int64_t lds, const float* qs, const KT* k, int64_t k_ss,
+                     int64_t n, int64_t E) {
+  constexpr int KG = W / R;
+  const int64_t Ew = E / W * W;
+  V acc[W];
+#pragma GCC unroll 16
+  for (int u = 0; u < W; ++u) acc[u] = vzero();
+  for (int64_t e = 0; e < Ew; e += W) {
+#pragma GCC unroll 16
+    for (int c = 0; c < KG; ++c) {
+      if (!Full && c >= n) break;
+      const V kv = vload_f32(k + c * k_ss + e);
+#pragma GCC unroll 4
+      for (int i = 0; i < R; ++i) acc[i * KG + c] = vfma(vload(qs + i * E + e), kv, acc[i * KG + c]);
+    }
+  }
+  V r[W];  // a copy for the transpose: acc, never addressed, stays in registers in the loop
+#pragma GCC unroll 16
+  for (int u = 0; u < W; ++u) r[u] = acc[u];
+  vtranspose(r);  // lane u of every vector: sum u = (row u / KG, key u % KG), in parts
+  V dot = r[0];
+  for (int u = 1; u < W; ++u) dot = vadd(dot, r[u]);
+  float d[W];
+  vstore(d, dot);
+  const int64_t keys = Full ? KG : n;
+  for (int i = 0; i < R; ++i) std::copy(d + i * KG, d + i * KG + keys, s + i * lds);
+  if (Ew < E)
+    for (int i = 0; i < R; ++i)
+      for (int64_t c = 0; c < keys; ++c)
+        for (int64_t e = Ew; e < E; ++e) s[i * lds + c] += qs[i * E + e] * to_f32(k[c * k_ss + e]);
+}
+
 // s (R × bk, rows apart by lds) = qs (R × E) · kᵀ, reading the bk rows of k (k_ss apart) where
 // they lie: no packing. For tiles of a few rows (decode), where each key is used by few
-// queries and packing would cost more than it saves. W keys at a time: W independent sums per
-// row, then one register transpose turns them into a vector of W dot products.
+// queries and packing would cost more than it saves. One row: W keys at a time, W independent
+// sums, then one register transpose turns them into a vector of W dot products. Several rows
+// (a GQA group) share each key's loads (qk_direct_group).
 template <class KT>
 void qk_direct(int64_t R, float* s, int64_t lds, const float* qs, const KT* k, int64_t k_ss,
                int64_t bk, int64_t E) {
+  if (R >= 2) {
+    with_rows<kDirectRows>(R, [&](auto r) {
+      constexpr int RR = decltype(r)::value, KG = W / RR;
+      int64_t j = 0;
+      for (; j + KG <= bk; j += KG)
+        qk_direct_group<RR, true>(s + j, lds, qs, k + j * k_ss, k_ss, KG, E);
+      if (j < bk) qk_direct_group<RR, false>(s + j, lds, qs, k + j * k_ss, k_ss, bk - j, E);
+    });
+    return;
+  }
   const int64_t Ew = E / W * W;
   int64_t j = 0;
   for (; j + W <= bk; j += W) {
