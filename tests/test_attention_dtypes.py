@@ -27,7 +27,9 @@ CASES = [(4, 4, 1, 37, 64, 64), (8, 2, 1, 300, 24, 40), (4, 2, 2, 129, 17, 17),
          (2, 1, 1, 3000, 128, 128), (4, 4, 37, 45, 64, 64), (6, 2, 70, 70, 32, 24),
          # groups of 2-4 rows with Ev a multiple of 16 (bfloat16: P · V in pairs of keys), an odd
          # number of keys, a second block of one key, the last 16 of 32 dims a pass
-         (4, 1, 1, 37, 64, 48), (3, 1, 1, 1025, 32, 32), (2, 2, 2, 51, 16, 16)]
+         (4, 1, 1, 37, 64, 48), (3, 1, 1, 1025, 32, 32), (2, 2, 2, 51, 16, 16),
+         # the wide passes of P · V in pairs (128 dims for 2 rows, 64 for 3-4), then 32 or 16
+         (2, 1, 1, 70, 24, 144), (4, 1, 1, 301, 40, 80), (6, 2, 1, 99, 32, 96)]
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=IDS)

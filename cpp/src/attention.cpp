@@ -363,13 +363,60 @@ void qk_direct_pairs(int64_t R, float* s, int64_t lds, const bf16_t* qb, int64_t
   });
 }
 
+// One pass of pv_direct_pairs_rows: dims [e, e + NC·2W) of o (R rows evp apart) += pb · v, NC
+// chunks of 32 dims a key pair, the last chunk cut to Ev by a mask. 2·R·NC accumulators: each
+// pass streams the block's rows of v once, so fewer, wider passes read it from farther caches
+// fewer times (a 1024-key block of a 128-dim head is 256 KB, more than L1).
+template <int R, int NC>
+void pv_pairs_pass(float* o, int64_t evp, const bf16_t* pb, int64_t ldb, const bf16_t* v,
+                   int64_t ldv, int64_t e, int64_t Ev, int64_t bk, __m512i first, __m512i second) {
+  __mmask32 m[NC];
+  for (int c = 0; c < NC; ++c) {
+    const int64_t d = e + c * 2 * W;
+    m[c] = d + 2 * W <= Ev ? ~__mmask32{0} : (__mmask32{1} << (Ev - d)) - 1;
+  }
+  V lo[R][NC], hi[R][NC];
+#pragma GCC unroll 4
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
+    for (int c = 0; c < NC; ++c) lo[i][c] = hi[i][c] = vzero();
+  for (int64_t j = 0; j < bk; j += 2) {
+    __m512i vlo[NC], vhi[NC];
+#pragma GCC unroll 4
+    for (int c = 0; c < NC; ++c) {
+      const bf16_t* vj = v + j * ldv + e + c * 2 * W;
+      const __m512i a = _mm512_maskz_loadu_epi16(m[c], vj);
+      const __m512i b = j + 1 < bk ? _mm512_maskz_loadu_epi16(m[c], vj + ldv) : _mm512_setzero_si512();
+      vlo[c] = _mm512_unpacklo_epi16(a, b);
+      vhi[c] = _mm512_unpackhi_epi16(a, b);
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) {
+      const __m512i pp = vpair_set1(pb + i * ldb + j);
+#pragma GCC unroll 4
+      for (int c = 0; c < NC; ++c) {
+        lo[i][c] = vdp(lo[i][c], pp, vlo[c]);
+        hi[i][c] = vdp(hi[i][c], pp, vhi[c]);
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int c = 0; c < NC; ++c) {
+      float* oi = o + i * evp + e + c * 2 * W;
+      vstore(oi, vadd(vload(oi), _mm512_permutex2var_ps(lo[i][c], first, hi[i][c])));
+      if (e + c * 2 * W + W < Ev)
+        vstore(oi + W, vadd(vload(oi + W), _mm512_permutex2var_ps(lo[i][c], second, hi[i][c])));
+    }
+}
+
 // o (R × Ev, rows evp apart) += p (R × bk, rows ldp apart) · v (bk × Ev, rows ldv apart) for a
 // bfloat16 v on the direct path, R ≥ 2 rows (a GQA group), Ev a multiple of W. P is rounded to
 // bfloat16 into pb (R rows of round_up(bk, 2W), zero past bk), whose natural order is pairs of
 // keys; v's rows of keys j and j + 1 are interleaved in registers (vpunpcklwd / vpunpckhwd)
-// into pairs of the same keys, 32 dims a pass, each row's P pair broadcast against them. The
-// interleave leaves the dims of a pass in the order [0-3, 8-11, 16-19, 24-27] (lo) and
-// [4-7, ...] (hi), which two vpermt2ps at the end of the pass put back.
+// into pairs of the same keys, each row's P pair broadcast against them: 128 dims a pass for
+// two rows, 64 for three or four (pv_pairs_pass), then 32 at a time. The interleave leaves the
+// dims of 32 in the order [0-3, 8-11, 16-19, 24-27] (lo) and [4-7, ...] (hi), which two
+// vpermt2ps at the end of the pass put back.
 template <int R>
 void pv_direct_pairs_rows(float* o, int64_t evp, const float* p, int64_t ldp, const bf16_t* v,
                           int64_t ldv, int64_t Ev, int64_t bk, bf16_t* pb) {
@@ -380,29 +427,11 @@ void pv_direct_pairs_rows(float* o, int64_t evp, const float* p, int64_t ldp, co
   alignas(64) static constexpr int32_t kSecond[W] = {8, 9, 10, 11, 24, 25, 26, 27,
                                                      12, 13, 14, 15, 28, 29, 30, 31};
   const __m512i first = _mm512_load_si512(kFirst), second = _mm512_load_si512(kSecond);
-  for (int64_t e = 0; e < Ev; e += 2 * W) {
-    const __mmask32 m = e + 2 * W <= Ev ? ~__mmask32{0} : (__mmask32{1} << (Ev - e)) - 1;
-    V lo[R], hi[R];
-#pragma GCC unroll 4
-    for (int i = 0; i < R; ++i) lo[i] = hi[i] = vzero();
-    for (int64_t j = 0; j < bk; j += 2) {
-      const __m512i a = _mm512_maskz_loadu_epi16(m, v + j * ldv + e);
-      const __m512i b = j + 1 < bk ? _mm512_maskz_loadu_epi16(m, v + (j + 1) * ldv + e)
-                                   : _mm512_setzero_si512();
-      const __m512i vlo = _mm512_unpacklo_epi16(a, b), vhi = _mm512_unpackhi_epi16(a, b);
-#pragma GCC unroll 4
-      for (int i = 0; i < R; ++i) {
-        const __m512i pp = vpair_set1(pb + i * ldb + j);
-        lo[i] = vdp(lo[i], pp, vlo);
-        hi[i] = vdp(hi[i], pp, vhi);
-      }
-    }
-    for (int i = 0; i < R; ++i) {
-      float* oi = o + i * evp + e;
-      vstore(oi, vadd(vload(oi), _mm512_permutex2var_ps(lo[i], first, hi[i])));
-      if (e + W < Ev) vstore(oi + W, vadd(vload(oi + W), _mm512_permutex2var_ps(lo[i], second, hi[i])));
-    }
-  }
+  constexpr int NC = R == 2 ? 4 : 2;  // 2·R·NC = 16 accumulators (12 for three rows)
+  int64_t e = 0;
+  for (; e + NC * 2 * W <= Ev; e += NC * 2 * W)
+    pv_pairs_pass<R, NC>(o, evp, pb, ldb, v, ldv, e, Ev, bk, first, second);
+  for (; e < Ev; e += 2 * W) pv_pairs_pass<R, 1>(o, evp, pb, ldb, v, ldv, e, Ev, bk, first, second);
 }
 void pv_direct_pairs(int64_t R, float* o, int64_t evp, const float* p, int64_t ldp,
                      const bf16_t* v, int64_t ldv, int64_t Ev, int64_t bk, bf16_t* pb) {
