@@ -234,7 +234,7 @@ def preset(name, args):
         # Batches of sentences of many lengths, padded to the longest as every engine computes
         # them. mhattn skips the padded positions everywhere but in attention (its default);
         # with `padded` it computes them too, as the other engines do: then the work is the
-        # same, and the share of the FMA peak says how far from the limit each engine is.
+        # same.
         # OpenVINO's bf16 hint runs on AMX where the CPU has it; the bf16 target is there.
         half = "1.3x openvino" if "amx" in _core.targets() else ""
         return [Case("sentence embeddings", "model", B=b, padded=padded, part=part, dtype=dtype,
@@ -860,12 +860,12 @@ def minilm_graph(engine):
                              token_type_ids=token_type_ids).last_hidden_state
 
     names = ("input_ids", "attention_mask", "token_type_ids")
-    example = tuple(torch.ones((2, 8), dtype=torch.int64) for _ in names)
+    dummy = tuple(torch.ones((2, 8), dtype=torch.int64) for _ in names)  # to trace the graph
     threads = mhattn.get_num_threads()
     if engine == "openvino":
         import openvino as ov
 
-        graph = ov.convert_model(Hidden().eval(), example_input=example)
+        graph = ov.convert_model(Hidden().eval(), example_input=dummy)
         core = ov.Core()
         compiled = {d: core.compile_model(graph, "CPU", {
             "INFERENCE_PRECISION_HINT": {"float32": "f32", "bfloat16": "bf16"}[d],
@@ -882,7 +882,7 @@ def minilm_graph(engine):
         raw, fused = os.path.join(folder, "minilm.onnx"), os.path.join(folder, "minilm-fused.onnx")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(Hidden().eval(), example, raw, input_names=list(names),
+            torch.onnx.export(Hidden().eval(), dummy, raw, input_names=list(names),
                               output_names=["hidden"], opset_version=17, dynamo=False,
                               dynamic_axes={n: {0: "batch", 1: "tokens"} for n in names + ("hidden",)})
         optimizer.optimize_model(raw, model_type="bert", num_heads=12,

@@ -1,6 +1,6 @@
 """The functional API: scaled_dot_product_attention and the building blocks softmax, linear,
-matmul, layer_norm and rms_norm. Each checks its input (mhattn._checks), allocates the output and calls the C++ core
-with the GIL released. Each also takes torch tensors and then returns torch tensors
+matmul, layer_norm and rms_norm. Each checks its input (mhattn._checks), allocates the output
+and calls the C++ core with the GIL released. Each also takes torch tensors and then returns torch tensors
 (mhattn._torch).
 
 dtypes: the output has the input's dtype (float32, bfloat16 or float16; float64 gives float32).

@@ -68,7 +68,7 @@ class _GPT2:
         if cfg.get("scale_attn_by_inverse_layer_idx") or not cfg.get("scale_attn_weights", True):
             raise NotImplementedError("GPT-2 with scores scaled other than by 1/sqrt(head dim)")
         self.dtype, self.eps = dtype, cfg["layer_norm_epsilon"]
-        self.heads, self.head_dim, self.max_positions = H, D // H, cfg["n_positions"]
+        self.kv_heads, self.head_dim, self.max_positions = H, D // H, cfg["n_positions"]
         self.embed, self.positions = w("wte.weight"), _f32(w("wpe.weight"))
         self.head_weight = w.get("lm_head.weight", self.embed)  # tied to the token embeddings
         self.norm = (_f32(w("ln_f.weight")), _f32(w("ln_f.bias")))
@@ -91,10 +91,6 @@ class _GPT2:
                           activation=_GPT2_ACTIVATIONS[act], dtype=dtype),
                 down=Linear(w(p + "mlp.c_proj.weight").T, w(p + "mlp.c_proj.bias"), dtype=dtype),
             ))
-
-    def new_cache(self, batch, max_len):
-        return [KVCache(batch, self.heads, max_len, self.head_dim, dtype=self.dtype)
-                for _ in self.layers]
 
     def forward(self, ids, caches):
         start, T = len(caches[0]), ids.shape[1]
@@ -143,7 +139,7 @@ class _Llama:
         if cfg.get("hidden_act", "silu") != "silu":
             raise NotImplementedError(f"{family} with hidden_act={cfg['hidden_act']!r}")
         self.dtype, self.eps = dtype, cfg["rms_norm_eps"]
-        self.hq, self.hkv, self.head_dim = Hq, Hkv, E
+        self.hq, self.kv_heads, self.head_dim = Hq, Hkv, E
         self.inv_freq = _inverse_frequencies(cfg, E)
         self.embed, self.norm = w("embed_tokens.weight"), _f32(w("norm.weight"))
         self.head_weight = w.get("lm_head.weight", self.embed)
@@ -180,10 +176,6 @@ class _Llama:
                 down=Linear(w(m + "down_proj.weight"), w.get(m + "down_proj.bias"), dtype=dtype),
             ))
 
-    def new_cache(self, batch, max_len):
-        return [KVCache(batch, self.hkv, max_len, self.head_dim, dtype=self.dtype)
-                for _ in self.layers]
-
     def _rotation(self, start, T):
         """cos and sin (T, 1, E) of positions start .. start + T - 1, each angle twice (the
         halves of a head's dims turn together), float32 as transformers computes them."""
@@ -193,7 +185,7 @@ class _Llama:
 
     def forward(self, ids, caches):
         B, T = ids.shape
-        Hq, Hkv, E = self.hq, self.hkv, self.head_dim
+        Hq, Hkv, E = self.hq, self.kv_heads, self.head_dim
         cos, sin = self._rotation(len(caches[0]), T)
         half = E // 2
         x = _f32(self.embed[ids])
@@ -290,7 +282,9 @@ class CausalLM:
 
     def new_cache(self, batch, max_len):
         """An empty cache for batch sequences of up to max_len tokens: a KVCache per layer."""
-        return self._net.new_cache(batch, max_len)
+        net = self._net
+        return [KVCache(batch, net.kv_heads, max_len, net.head_dim, dtype=net.dtype)
+                for _ in net.layers]
 
     def forward(self, input_ids, cache=None, *, threads=None):
         """Logits (B, T, vocab) float32 of the new tokens input_ids (B, T) (ints), each seeing

@@ -129,8 +129,9 @@ class SentenceEncoder:
 
         Sentences are batched by length (sorted, batch_size at a time), so a batch is padded
         to its longest sentence and little more. Only attention needs the padded (B, T) grid:
-        with skip_padding (the default) LayerNorm, the feed-forward and the residuals run on
-        the real tokens only; skip_padding=False computes every padded position, as
+        with skip_padding (the default) the projections (attention's through
+        MultiHeadAttention.varlen), LayerNorm, the feed-forward and the residuals run on the
+        real tokens only; skip_padding=False computes every padded position, as
         sentence-transformers does, for the same embeddings.
 
         threads: the kernels' thread count for this call (mhattn.threads); None takes the
