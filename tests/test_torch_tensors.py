@@ -46,6 +46,58 @@ def test_inputs_are_read_in_place():
         assert a.strides == tuple(s * x.element_size() for s in x.stride())
 
 
+def fast_call(fn, *args, **kwargs):
+    """_core.tensor_call, the C path every call with tensors takes first."""
+    return mhattn._core.tensor_call(fn, args, kwargs, _torch._reader(torch.Tensor))
+
+
+def test_the_c_path_reads_tensors_in_place():
+    base = torch.randn(4, 6, 8)
+    tensors = [base, base.transpose(0, 2), base[:, ::2, 1:], torch.randn(3, 1).expand(3, 5),
+               torch.tensor(2.5), torch.empty(0, 3), torch.randn(5, 3).to(torch.bfloat16),
+               torch.randn(2, 7).half(), torch.randn(3, 2).double(), torch.rand(4, 4) < 0.5,
+               torch.arange(6).reshape(2, 3), torch.arange(5, dtype=torch.uint8)]
+    seen = []
+    got = fast_call(lambda *a, **k: seen.extend(a + tuple(k.values())), *tensors[:-1], 7, m=tensors[-1])
+    assert got is None and seen[-2] == 7
+    for t, a in zip(tensors[:-1] + tensors[-1:], seen[:-2] + seen[-1:]):
+        assert type(a) is np.ndarray and a.shape == tuple(t.shape), t
+        assert a.dtype == as_np(t).dtype
+        if t.numel():  # (an empty one has nothing to stride over)
+            assert a.strides == tuple(s * t.element_size() for s in t.stride()), t
+            assert a.__array_interface__["data"][0] == t.data_ptr()
+        np.testing.assert_array_equal(a, as_np(t))
+
+
+def test_the_c_path_keeps_the_tensor_alive_and_returns_tensors():
+    t = torch.arange(12, dtype=torch.float32)
+    a = fast_call(lambda x: x[3:], t)  # the array result comes back as a tensor over it
+    assert isinstance(a, torch.Tensor) and a.data_ptr() == t.data_ptr() + 12
+    kept = fast_call(lambda x: (x,), t)[0]  # a tuple is left to the Python side
+    assert type(kept) is np.ndarray
+    del t
+    import gc
+    gc.collect()
+    np.testing.assert_array_equal(kept, np.arange(12, dtype=np.float32))
+    np.testing.assert_array_equal(a.numpy(), np.arange(3, 12, dtype=np.float32))
+    b = fast_call(lambda: np.ones(2, BF16))  # bfloat16 has no from_numpy: left to Python
+    assert type(b) is np.ndarray
+
+
+def test_what_the_c_path_cannot_read_goes_to_torchs_path():
+    neg = torch.tensor([1 + 2j, 3 - 1j]).conj().imag  # a negative view: to_dlpack would lose the sign
+    assert neg.is_neg()
+    for t in (neg, torch.randn(3, requires_grad=True), torch.empty(2, device="meta"),
+              torch.randn(2, 2).to_sparse(), torch.randn(2, dtype=torch.complex64)):
+        assert fast_call(lambda *a: pytest.fail("called"), torch.randn(2), t) is NotImplemented
+        assert fast_call(lambda **k: pytest.fail("called"), x=t) is NotImplemented
+    with pytest.raises(TypeError, match="x: a tensor mhattn cannot read in place"):
+        mhattn.softmax(neg)
+    with pytest.raises(ValueError, match="key"):  # errors of the call itself come through
+        mhattn.scaled_dot_product_attention(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 4, 7),
+                                            torch.randn(1, 2, 4, 8))
+
+
 def test_outputs_are_tensors_over_the_result_memory():
     for a in (np.arange(6, dtype=np.float32).reshape(2, 3), np.ones((3, 2), BF16)):
         t = _torch.from_numpy(a)

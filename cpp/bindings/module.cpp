@@ -118,6 +118,8 @@ OutMap head_split(float* buf, int64_t B, int64_t Hbuf, int64_t Sbuf, int64_t E, 
 
 }  // namespace
 
+void add_tensor_functions(py::module_& m);  // tensors.cpp
+
 PYBIND11_MODULE(_core, m) {
   m.doc() = "mhattn's native kernels. Use the functions of the mhattn package, which check input.";
   m.attr("__version__") = MHATTN_VERSION;
@@ -134,6 +136,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("get_num_threads", &mhattn::threads_setting);
   m.def("set_num_threads", &mhattn::set_num_threads, "n"_a);
   m.def("_set_threads_here", &mhattn::set_threads_here, "n"_a);
+  add_tensor_functions(m);
 
   py::class_<PackedB, std::shared_ptr<PackedB>>(m, "Packed",
                                                 "A (K, N) matrix packed for the GEMM micro-kernel.")
