@@ -400,7 +400,11 @@ void pv_pairs_pass(float* o, int64_t evp, const bf16_t* pb, int64_t ldb, const b
       }
     }
   }
+  // Unrolled like the loops above, so that lo and hi are never indexed by a variable: GCC then
+  // keeps them in registers (else it stores all 16 to the stack at every key pair).
+#pragma GCC unroll 4
   for (int i = 0; i < R; ++i)
+#pragma GCC unroll 4
     for (int c = 0; c < NC; ++c) {
       float* oi = o + i * evp + e + c * 2 * W;
       vstore(oi, vadd(vload(oi), _mm512_permutex2var_ps(lo[i][c], first, hi[i][c])));
