@@ -191,6 +191,27 @@ void qk(int64_t R, float* s, float* row_max, const float* qs, const float* kt, i
   with_rows<RM>(R, [&](auto r) { qk_rows<decltype(r)::value>(s, row_max, qs, kt, bkp, E); });
 }
 
+// The end of the direct path's Q·Kᵀ: acc[i·KG + c] holds the sum of row i and key c (KG = W / R
+// keys), spread over its lanes in parts. One W × W register transpose and W - 1 adds make them
+// a vector of W dot products; the first n keys of each row go to s (rows lds apart).
+template <int R>
+inline void store_dot_products(float* s, int64_t lds, const V (&acc)[W], int64_t n) {
+  constexpr int KG = W / R;
+  V r[W];  // a copy for the transpose: acc, never addressed, stays in registers in the loops
+#pragma GCC unroll 16
+  for (int u = 0; u < W; ++u) r[u] = acc[u];
+  vtranspose(r);  // lane u of every vector: sum u = (row u / KG, key u % KG), in parts
+  V dot = r[0];
+  for (int u = 1; u < W; ++u) dot = vadd(dot, r[u]);
+  if (R == 1 && n == W) {
+    vstore(s, dot);
+    return;
+  }
+  float d[W];
+  vstore(d, dot);
+  for (int i = 0; i < R; ++i) std::copy(d + i * KG, d + i * KG + n, s + i * lds);
+}
+
 // s (R × n, rows apart by lds) = qs (R × E) · kᵀ for n ≤ KG = W / R keys of k (rows k_ss
 // apart), R ≥ 2 rows (a GQA group): W dims of every key of the group at a time, each widened
 // once (vload_f32: float16 costs a conversion per vector) and multiplied into all R rows. The
@@ -213,16 +234,8 @@ void qk_direct_group(float* s, int64_t lds, const float* qs, const KT* k, int64_
       for (int i = 0; i < R; ++i) acc[i * KG + c] = vfma(vload(qs + i * E + e), kv, acc[i * KG + c]);
     }
   }
-  V r[W];  // a copy for the transpose: acc, never addressed, stays in registers in the loop
-#pragma GCC unroll 16
-  for (int u = 0; u < W; ++u) r[u] = acc[u];
-  vtranspose(r);  // lane u of every vector: sum u = (row u / KG, key u % KG), in parts
-  V dot = r[0];
-  for (int u = 1; u < W; ++u) dot = vadd(dot, r[u]);
-  float d[W];
-  vstore(d, dot);
   const int64_t keys = Full ? KG : n;
-  for (int i = 0; i < R; ++i) std::copy(d + i * KG, d + i * KG + keys, s + i * lds);
+  store_dot_products<R>(s, lds, acc, keys);
   if (Ew < E)
     for (int i = 0; i < R; ++i)
       for (int64_t c = 0; c < keys; ++c)
@@ -247,38 +260,31 @@ void qk_direct(int64_t R, float* s, int64_t lds, const float* qs, const KT* k, i
     });
     return;
   }
+  // One row (R = 1): W keys at a time, key by key (k is read in address order).
   const int64_t Ew = E / W * W;
   int64_t j = 0;
   for (; j + W <= bk; j += W) {
     const KT* kj = k + j * k_ss;
-    for (int64_t i = 0; i < R; ++i) {
-      const float* q = qs + i * E;
-      V acc[W];
+    V acc[W];
 #pragma GCC unroll 16  // unrolled, acc lives in registers (else GCC zeroes it with rep stos)
-      for (int c = 0; c < W; ++c) {  // key by key: k is read in address order
-        const KT* kc = kj + c * k_ss;
-        acc[c] = vzero();
-        for (int64_t e = 0; e < Ew; e += W) acc[c] = vfma(vload(q + e), vload_f32(kc + e), acc[c]);
-      }
-      vtranspose(acc);  // acc[e][c]: lane c of every vector is key c's partial sums
-      V dot = acc[0];
-      for (int c = 1; c < W; ++c) dot = vadd(dot, acc[c]);
-      float* out = s + i * lds + j;
-      vstore(out, dot);
-      for (int64_t e = Ew; e < E; ++e)
-        for (int c = 0; c < W; ++c) out[c] += q[e] * to_f32(kj[c * k_ss + e]);
+    for (int c = 0; c < W; ++c) {
+      const KT* kc = kj + c * k_ss;
+      acc[c] = vzero();
+      for (int64_t e = 0; e < Ew; e += W) acc[c] = vfma(vload(qs + e), vload_f32(kc + e), acc[c]);
     }
+    float* out = s + j;
+    store_dot_products<1>(out, lds, acc, W);
+    for (int64_t e = Ew; e < E; ++e)
+      for (int c = 0; c < W; ++c) out[c] += qs[e] * to_f32(kj[c * k_ss + e]);
   }
-  for (; j < bk; ++j)
-    for (int64_t i = 0; i < R; ++i) {
-      const float* q = qs + i * E;
-      const KT* kr = k + j * k_ss;
-      V a = vzero();
-      for (int64_t e = 0; e < Ew; e += W) a = vfma(vload(q + e), vload_f32(kr + e), a);
-      float d = vhsum(a);
-      for (int64_t e = Ew; e < E; ++e) d += q[e] * to_f32(kr[e]);
-      s[i * lds + j] = d;
-    }
+  for (; j < bk; ++j) {
+    const KT* kr = k + j * k_ss;
+    V a = vzero();
+    for (int64_t e = 0; e < Ew; e += W) a = vfma(vload(qs + e), vload_f32(kr + e), a);
+    float d = vhsum(a);
+    for (int64_t e = Ew; e < E; ++e) d += qs[e] * to_f32(kr[e]);
+    s[j] = d;
+  }
 }
 
 #if defined(__AVX512BF16__)
@@ -336,16 +342,7 @@ void qk_direct_pairs_group(float* s, int64_t lds, const bf16_t* qb, int64_t ldq,
       }
     }
   }
-  V r[W];  // a copy for the transpose: acc, never addressed, stays in registers in the loops
-#pragma GCC unroll 16
-  for (int u = 0; u < W; ++u) r[u] = acc[u];
-  vtranspose(r);  // lane u of every vector: sum u = (row u / KG, key u % KG), in parts
-  V dot = r[0];
-  for (int u = 1; u < W; ++u) dot = vadd(dot, r[u]);
-  float d[W];
-  vstore(d, dot);
-  for (int i = 0; i < R; ++i)
-    for (int64_t c = 0; c < (Full ? KG : n); ++c) s[i * lds + c] = d[i * KG + c];
+  store_dot_products<R>(s, lds, acc, Full ? KG : n);
 }
 template <int R>
 void qk_direct_pairs_rows(float* s, int64_t lds, const bf16_t* qb, int64_t ldq, const bf16_t* k,

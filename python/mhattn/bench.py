@@ -968,9 +968,14 @@ def read_gbps(arrays=()):
     return sum(x.nbytes for x in arrays) / (time.perf_counter() - t0) / 1e9
 
 
+def has_target(case, *kinds):
+    """Whether one of the case's targets ("; " apart) is of one of these kinds (its last word)."""
+    return any(t.endswith(kinds) for t in case.target.split("; "))
+
+
 def needs_bandwidth(case):
     """Whether the case's target is judged against the machine's read bandwidth."""
-    return any(t.endswith(("bandwidth", "flat")) for t in case.target.split("; "))
+    return has_target(case, "bandwidth", "flat")
 
 
 _PEAK_ITERS = {}
@@ -1204,7 +1209,7 @@ def add_flatness(results):
     extra cached keys and values at the bandwidth measured beside it, over the cost with the short
     cache."""
     for case, res in results:
-        flat = any(t.endswith("flat") for t in case.target.split("; "))
+        flat = has_target(case, "flat")
         if not flat or "median_s" not in res["mhattn"]:
             continue
         short = [(c, r) for c, r in results if c.group == case.group and c.S < case.S
