@@ -89,6 +89,43 @@ def test_generate_gives_transformers_greedy_tokens(kind, batch):
     assert_logits_close(np.concatenate(chunks, 1), want)
 
 
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_prompts_of_different_lengths_left_padded_as_transformers(kind):
+    hf = random_model(kind)
+    model = CausalLM.from_transformers(hf)
+    rng = np.random.default_rng(5)
+    lengths = [9, 4, 1, 7]  # Mistral's window is 5: the padding sits inside and outside it
+    prompt = np.zeros((4, 9), np.int64)
+    mask = np.zeros((4, 9), np.int64)
+    for r, n in enumerate(lengths):
+        prompt[r, 9 - n:] = rng.integers(0, 300, n)
+        mask[r, 9 - n:] = 1
+    with torch.inference_mode():
+        want = hf.generate(torch.from_numpy(prompt), attention_mask=torch.from_numpy(mask),
+                           max_new_tokens=12, do_sample=False, pad_token_id=0).numpy()
+    got = model.generate(prompt, 12, attention_mask=mask)
+    np.testing.assert_array_equal(got, want)
+    for r, n in enumerate(lengths):  # each row as it would decode alone
+        alone = model.generate(prompt[r:r + 1, 9 - n:], 12)
+        np.testing.assert_array_equal(got[r, 9:], alone[0, n:])
+    # forward with the mask over the cache and the new tokens: the logits of the real positions
+    full = np.concatenate([mask, np.ones((4, 12), np.int64)], 1)
+    positions = np.maximum(np.cumsum(full, 1) - 1, 0)  # (transformers' forward takes them as given)
+    with torch.inference_mode():
+        hf_out = hf(torch.from_numpy(got), attention_mask=torch.from_numpy(full),
+                    position_ids=torch.from_numpy(positions)).logits.numpy()
+    cache = model.new_cache(4, got.shape[1])
+    chunks = [model.forward(got[:, a:b], cache, attention_mask=full[:, :b]) for a, b in ((0, 9), (9, 21))]
+    real = full.astype(bool)
+    assert_logits_close(np.concatenate(chunks, 1)[real], hf_out[real])
+    with pytest.raises(ValueError, match="attention_mask must be a"):
+        model.generate(prompt, 3, attention_mask=mask[:, 1:])
+    with pytest.raises(ValueError, match="no token"):
+        model.generate(prompt, 3, attention_mask=np.zeros_like(mask))
+    with pytest.raises(ValueError, match="other than 0 and 1"):
+        model.generate(prompt, 3, attention_mask=mask * 2)
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "qwen2", "mistral"])
 def test_from_pretrained_reads_what_save_pretrained_writes(kind, tmp_path):
     # one file, shards with an index, and a bfloat16 checkpoint (safetensors' own NumPy reader

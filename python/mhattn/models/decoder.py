@@ -58,7 +58,8 @@ class _Weights:
 
 
 class _GPT2:
-    """GPT-2's blocks: forward(ids (B, T), caches) -> the final LayerNorm's output (B, T, D)."""
+    """GPT-2's blocks: forward(ids (B, T), caches, positions (B, T), keys) -> the final
+    LayerNorm's output (B, T, D). keys: None, or (B, cached + T) bool, False at padding."""
 
     def __init__(self, cfg, w, dtype):
         D, H = cfg["n_embd"], cfg["n_head"]
@@ -92,14 +93,15 @@ class _GPT2:
                 down=Linear(w(p + "mlp.c_proj.weight").T, w(p + "mlp.c_proj.bias"), dtype=dtype),
             ))
 
-    def forward(self, ids, caches):
-        start, T = len(caches[0]), ids.shape[1]
-        if start + T > self.max_positions:
-            raise ValueError(f"GPT-2 has {self.max_positions} positions; {start} cached and "
-                             f"{T} new tokens do not fit")
-        x = _f32(self.embed[ids]) + self.positions[start:start + T]
+    def forward(self, ids, caches, positions, keys):
+        if positions.max() >= self.max_positions:
+            raise ValueError(f"GPT-2 has {self.max_positions} positions; these tokens would "
+                             f"reach position {positions.max()}")
+        x = _f32(self.embed[ids]) + self.positions[positions]
+        ignored = None if keys is None else ~keys  # nn.MultiheadAttention's sense of the mask
         for layer, kv in zip(self.layers, caches):
-            a, _ = layer["attention"](layer_norm(x, *layer["norm1"], self.eps), kv_cache=kv)
+            a, _ = layer["attention"](layer_norm(x, *layer["norm1"], self.eps), kv_cache=kv,
+                                      key_padding_mask=ignored)
             x = x + a
             x = x + layer["down"](layer["up"](layer_norm(x, *layer["norm2"], self.eps)))
         return layer_norm(x, *self.norm, self.eps)
@@ -129,7 +131,8 @@ def _inverse_frequencies(cfg, E):
 
 
 class _Llama:
-    """The Llama family's blocks: forward(ids (B, T), caches) -> the final RMSNorm's output."""
+    """The Llama family's blocks: forward(ids (B, T), caches, positions (B, T), keys) -> the
+    final RMSNorm's output. keys: None, or (B, cached + T) bool, False at padding."""
 
     def __init__(self, cfg, w, dtype):
         family = cfg["model_type"]
@@ -176,17 +179,18 @@ class _Llama:
                 down=Linear(w(m + "down_proj.weight"), w.get(m + "down_proj.bias"), dtype=dtype),
             ))
 
-    def _rotation(self, start, T):
-        """cos and sin (T, 1, E) of positions start .. start + T - 1, each angle twice (the
-        halves of a head's dims turn together), float32 as transformers computes them."""
-        angle = np.arange(start, start + T, dtype=np.float32)[:, None] * self.inv_freq
-        angle = np.concatenate([angle, angle], -1)[:, None]
+    def _rotation(self, positions):
+        """cos and sin (B, T, 1, E) of positions (B, T), each angle twice (the halves of a
+        head's dims turn together), float32 as transformers computes them."""
+        angle = positions.astype(np.float32)[..., None] * self.inv_freq
+        angle = np.concatenate([angle, angle], -1)[:, :, None]
         return np.cos(angle), np.sin(angle)
 
-    def forward(self, ids, caches):
+    def forward(self, ids, caches, positions, keys):
         B, T = ids.shape
         Hq, Hkv, E = self.hq, self.kv_heads, self.head_dim
-        cos, sin = self._rotation(len(caches[0]), T)
+        cos, sin = self._rotation(positions)
+        mask = None if keys is None else keys[:, None, None, :]  # (B, 1, 1, S), True: attend
         half = E // 2
         x = _f32(self.embed[ids])
         for layer, kv in zip(self.layers, caches):
@@ -196,7 +200,7 @@ class _Llama:
             qk = qk * cos + turned * sin
             kv.append(qk[:, :, Hq:].transpose(0, 2, 1, 3), qkv[:, :, Hq + Hkv:].transpose(0, 2, 1, 3))
             q = qk[:, :, :Hq].transpose(0, 2, 1, 3).astype(kv.dtype, copy=False)
-            o = scaled_dot_product_attention(q, kv.keys, kv.values, is_causal=True,
+            o = scaled_dot_product_attention(q, kv.keys, kv.values, mask, is_causal=True,
                                              causal_align="bottom_right", enable_gqa=True,
                                              window=layer["window"])
             x = x + layer["o"](o.transpose(0, 2, 1, 3).reshape(B, T, Hq * E))
@@ -286,21 +290,35 @@ class CausalLM:
         return [KVCache(batch, net.kv_heads, max_len, net.head_dim, dtype=net.dtype)
                 for _ in net.layers]
 
-    def forward(self, input_ids, cache=None, *, threads=None):
+    def forward(self, input_ids, cache=None, *, attention_mask=None, threads=None):
         """Logits (B, T, vocab) float32 of the new tokens input_ids (B, T) (ints), each seeing
         the tokens in cache (from new_cache; they are appended to it) and those before it in
-        its own row. cache=None: a fresh one, so the logits of a whole sequence."""
+        its own row. cache=None: a fresh one, so the logits of a whole sequence.
+
+        attention_mask (B, cached + T), as transformers': 1 for a token, 0 for padding, over
+        the cached tokens and the new ones. Padding is never attended to, and positions count
+        the tokens only, so a left-padded row gives the logits it would give alone (a padding
+        position's own logits mean nothing). None: every token is real."""
         ids = self._ids(input_ids)
         if cache is None:
             cache = self.new_cache(ids.shape[0], ids.shape[1])
+        past = len(cache[0])
+        keys = self._mask(attention_mask, ids.shape[0], past + ids.shape[1])
+        positions = self._positions(keys, ids.shape[0], past + ids.shape[1])[:, past:]
         with _threads(self.threads if threads is None else threads):
-            return self.lm_head(self._net.forward(ids, cache))
+            return self.lm_head(self._net.forward(ids, cache, positions, keys))
 
-    def generate(self, input_ids, max_new_tokens=20, *, eos_token_id="config", threads=None):
+    def generate(self, input_ids, max_new_tokens=20, *, attention_mask=None, eos_token_id="config",
+                 threads=None):
         """Greedy decoding: (B, T + n) int64, the prompts input_ids (B, T) and after each the
         most likely next token, n = max_new_tokens at most, as transformers' generate with
         do_sample=False. The prompt goes in as one chunk, then one token a step through a
-        KVCache per layer. The rows are prompts of one length (no padding).
+        KVCache per layer.
+
+        attention_mask (B, T): prompts of different lengths, padded (1 for a token, 0 for
+        padding), as transformers takes them. Pad on the left, as transformers expects of a
+        decoder, and each row decodes as it would alone; padding elsewhere works too (each row
+        continues from its last token), but transformers would not give the same tokens.
 
         eos_token_id: the token(s) that end a row, by default the model's (its generation
         config's); None never ends early. A row that has ended is filled with pad_token_id, and
@@ -313,14 +331,24 @@ class CausalLM:
         else:
             eos = [] if eos_token_id is None else np.atleast_1d(eos_token_id).astype(np.int64).tolist()
         B, T = ids.shape
+        prompt_keys = self._mask(attention_mask, B, T)
         out = np.full((B, T + n), self.pad_token_id, np.int64)
         out[:, :T] = ids
         if n == 0:
             return out
+        keys = None
+        if prompt_keys is not None:  # the new tokens are all real
+            keys = np.ones((B, T + n), bool)
+            keys[:, :T] = prompt_keys
+        positions = self._positions(keys, B, T + n)
+        # each row's last token: its next one follows from there
+        last = T - 1 if keys is None else T - 1 - np.argmax(prompt_keys[:, ::-1], axis=1)
         cache = self.new_cache(B, T + n)
         done = np.zeros(B, bool)
         with _threads(self.threads if threads is None else threads):
-            hidden = self._net.forward(ids, cache)[:, -1]
+            hidden = self._net.forward(ids, cache, positions[:, :T],
+                                       None if keys is None else keys[:, :T])
+            hidden = hidden[np.arange(B), last]
             for i in range(n):
                 nxt = self.lm_head(hidden).argmax(-1)
                 out[:, T + i] = np.where(done, self.pad_token_id, nxt)
@@ -328,8 +356,33 @@ class CausalLM:
                 if done.all():
                     return out[:, :T + i + 1]
                 if i + 1 < n:
-                    hidden = self._net.forward(out[:, T + i:T + i + 1], cache)[:, -1]
+                    hidden = self._net.forward(out[:, T + i:T + i + 1], cache,
+                                               positions[:, T + i:T + i + 1],
+                                               None if keys is None else keys[:, :T + i + 1])[:, -1]
         return out
+
+    @staticmethod
+    def _mask(attention_mask, B, S):
+        """attention_mask as (B, S) bool, True at tokens; None when there is no padding."""
+        if attention_mask is None:
+            return None
+        m = np.asarray(attention_mask)
+        if m.shape != (B, S) or not (m.dtype == bool or m.dtype.kind in "iu"):
+            raise ValueError(f"attention_mask must be a ({B}, {S}) array of 0/1 or bool (the cached "
+                             f"and the new tokens), got shape {m.shape} and dtype {m.dtype}")
+        if m.dtype != bool and ((m != 0) & (m != 1)).any():
+            raise ValueError("attention_mask holds values other than 0 and 1")
+        m = m.astype(bool, copy=False)
+        if not m.any(axis=1).all():
+            raise ValueError("a row of attention_mask has no token")
+        return None if m.all() else m
+
+    @staticmethod
+    def _positions(keys, B, S):
+        """(B, S) positions: the count of tokens before each (padding counts none)."""
+        if keys is None:
+            return np.broadcast_to(np.arange(S), (B, S))
+        return np.maximum(np.cumsum(keys, axis=1) - 1, 0)
 
     def _ids(self, input_ids):
         ids = np.asarray(input_ids)
