@@ -4,7 +4,8 @@ Every public function and layer call is wrapped by `accepts_tensors`. When an ar
 torch.Tensor, each tensor argument becomes a NumPy array over the same memory, with the same
 strides (read through the tensor's DLPack capsule by _core.tensor_call, which is faster than
 torch's .numpy() and knows bfloat16), the NumPy code runs, and each array it returns becomes a
-tensor over the array's memory. torch is never imported
+tensor over the array's memory. A tensor DLPack would misdescribe (a negative view) or cannot
+carry goes through torch's .numpy(), which reads it or says why not. torch is never imported
 here: a tensor can only exist once its caller has imported torch, so `sys.modules` tells
 whether to look for one at all.
 
