@@ -83,13 +83,14 @@ py::object array_of(py::handle t, py::handle to_dlpack, py::handle bfloat16) {
   if (m == nullptr) throw py::error_already_set();
   const DLTensor& d = m->dl_tensor;
   py::object dtype = numpy_dtype(d.dtype, bfloat16);
-  if (d.device.device_type != kDLCPU || !dtype) return {};  // the capsule frees m unconsumed
+  // Off the CPU, a dtype NumPy lacks, or more dims than NumPy 1's limit (NPY_MAXDIMS): the
+  // capsule, unconsumed, frees m.
+  if (d.device.device_type != kDLCPU || !dtype || d.ndim > 32) return {};
 
   // Consume it (DLPack's protocol): from here the array's base owns m.
   if (PyCapsule_SetName(capsule.ptr(), "used_dltensor") != 0) throw py::error_already_set();
   py::capsule owner(static_cast<void*>(m), "mhattn.dltensor", &delete_managed);
   const int64_t item = d.dtype.bits / 8;
-  if (d.ndim > 32) return {};  // NumPy's limit (NPY_MAXDIMS in NumPy 1)
   py::ssize_t shape[32], strides[32];
   int64_t next = item;  // a C-contiguous stride, for a null strides
   for (int i = d.ndim - 1; i >= 0; --i) {
@@ -110,23 +111,12 @@ py::object array_of(py::handle t, py::handle to_dlpack, py::handle bfloat16) {
   return arr;
 }
 
-// items with each instance of T replaced by its array (a new list), or an empty handle when
-// one must take torch's own path.
-py::object arrays_of(PyObject* items, PyObject* T, PyObject* to_dlpack, PyObject* bfloat16) {
-  const Py_ssize_t n = PySequence_Fast_GET_SIZE(items);
-  PyObject* const* in = PySequence_Fast_ITEMS(items);
-  py::list out(n);
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    py::handle a(in[i]);
-    if (PyObject_TypeCheck(a.ptr(), reinterpret_cast<PyTypeObject*>(T))) {
-      py::object arr = array_of(a, to_dlpack, bfloat16);
-      if (!arr) return {};
-      out[i] = std::move(arr);
-    } else {
-      out[i] = a;
-    }
-  }
-  return std::move(out);
+// An argument as fn gets it: a, or the array over a when it is a tensor (an instance of
+// reader[0]); an empty handle when torch's own path must read it.
+py::object argument(PyObject* a, PyObject* const* reader) {
+  if (!PyObject_TypeCheck(a, reinterpret_cast<PyTypeObject*>(reader[0])))
+    return py::reinterpret_borrow<py::object>(a);
+  return array_of(a, reader[1], reader[2]);
 }
 
 // tensor_call(fn, args, kwargs, (Tensor, to_dlpack, bfloat16, from_numpy))
@@ -142,25 +132,24 @@ PyObject* tensor_call(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   }
   PyObject* const* reader = &PyTuple_GET_ITEM(args[3], 0);
   try {
-    py::object arrays = arrays_of(args[1], reader[0], reader[1], reader[2]);
-    if (!arrays) Py_RETURN_NOTIMPLEMENTED;
+    const Py_ssize_t n = PyTuple_GET_SIZE(args[1]);
+    py::tuple pos(n);
+    for (Py_ssize_t i = 0; i < n; ++i) {
+      py::object a = argument(PyTuple_GET_ITEM(args[1], i), reader);
+      if (!a) Py_RETURN_NOTIMPLEMENTED;
+      PyTuple_SET_ITEM(pos.ptr(), i, a.release().ptr());
+    }
     py::object kwargs;
     if (PyDict_GET_SIZE(args[2]) > 0) {
       kwargs = py::dict();
       PyObject *key, *value;
-      Py_ssize_t pos = 0;
-      while (PyDict_Next(args[2], &pos, &key, &value)) {
-        if (PyObject_TypeCheck(value, reinterpret_cast<PyTypeObject*>(reader[0]))) {
-          py::object arr = array_of(value, reader[1], reader[2]);
-          if (!arr) Py_RETURN_NOTIMPLEMENTED;
-          if (PyDict_SetItem(kwargs.ptr(), key, arr.ptr()) != 0) throw py::error_already_set();
-        } else if (PyDict_SetItem(kwargs.ptr(), key, value) != 0) {
-          throw py::error_already_set();
-        }
+      Py_ssize_t at = 0;
+      while (PyDict_Next(args[2], &at, &key, &value)) {
+        py::object a = argument(value, reader);
+        if (!a) Py_RETURN_NOTIMPLEMENTED;
+        if (PyDict_SetItem(kwargs.ptr(), key, a.ptr()) != 0) throw py::error_already_set();
       }
     }
-    py::object pos = py::reinterpret_steal<py::object>(PyList_AsTuple(arrays.ptr()));
-    if (!pos) throw py::error_already_set();
     py::object result = py::reinterpret_steal<py::object>(
         PyObject_Call(args[0], pos.ptr(), kwargs ? kwargs.ptr() : nullptr));
     if (!result) throw py::error_already_set();

@@ -60,7 +60,8 @@ int set_threads_here(int n) {
 }
 
 namespace {
-// s's buffer of at least n floats, stagger floats past a page boundary.
+// s's buffer of at least n floats, stagger floats past a page boundary (sanitizer builds:
+// exactly n floats, as malloc places them).
 float* grow(Scratch& s, int64_t n, int64_t stagger = 0) {
 #if defined(__SANITIZE_ADDRESS__)
   // Sanitizer builds: exactly n floats every time, so AddressSanitizer sees any access past

@@ -79,11 +79,11 @@ def _to_tensors(result):
 
 
 def _reader(T):
-    """The last argument of _core.tensor_call, for tensors of type T."""
+    """The last argument of _core.tensor_call for tensors of type T, kept in _READER (the
+    wrappers make it when theirs is missing or for another T)."""
     global _READER
-    if _READER is None or _READER[0] is not T:
-        from torch.utils.dlpack import to_dlpack
-        _READER = (T, to_dlpack, BF16, sys.modules["torch"].from_numpy)
+    from torch.utils.dlpack import to_dlpack
+    _READER = (T, to_dlpack, BF16, sys.modules["torch"].from_numpy)
     return _READER
 
 

@@ -1360,7 +1360,8 @@ def parse_args(argv):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="threads for every engine")
     p.add_argument("--repeats", type=int, default=9, help="timed samples per engine and case")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds the samples come in")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds the samples come in "
+                   "(a case whose calls outlast --min-sample alternates engines sample by sample)")
     p.add_argument("--pause", type=float, default=0.15, help="seconds of pause before each engine")
     p.add_argument("--min-sample", type=float, default=0.02, help="seconds a timed sample lasts at least")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one sample: checks that it runs")

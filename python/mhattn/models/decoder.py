@@ -58,7 +58,7 @@ class _Weights:
 
 
 class _GPT2:
-    """GPT-2's blocks: forward(ids (B, T), caches, positions (B, T), keys) -> the final
+    """GPT-2's blocks: forward(ids (B, T), caches, positions (B or 1, T), keys) -> the final
     LayerNorm's output (B, T, D). keys: None, or (B, cached + T) bool, False at padding."""
 
     def __init__(self, cfg, w, dtype):
@@ -131,8 +131,8 @@ def _inverse_frequencies(cfg, E):
 
 
 class _Llama:
-    """The Llama family's blocks: forward(ids (B, T), caches, positions (B, T), keys) -> the
-    final RMSNorm's output. keys: None, or (B, cached + T) bool, False at padding."""
+    """The Llama family's blocks: forward(ids (B, T), caches, positions (B or 1, T), keys) ->
+    the final RMSNorm's output. keys: None, or (B, cached + T) bool, False at padding."""
 
     def __init__(self, cfg, w, dtype):
         family = cfg["model_type"]
@@ -180,8 +180,8 @@ class _Llama:
             ))
 
     def _rotation(self, positions):
-        """cos and sin (B, T, 1, E) of positions (B, T), each angle twice (the halves of a
-        head's dims turn together), float32 as transformers computes them."""
+        """cos and sin (B or 1, T, 1, E) of positions (B or 1, T), each angle twice (the halves
+        of a head's dims turn together), float32 as transformers computes them."""
         angle = positions.astype(np.float32)[..., None] * self.inv_freq
         angle = np.concatenate([angle, angle], -1)[:, :, None]
         return np.cos(angle), np.sin(angle)
@@ -368,8 +368,8 @@ class CausalLM:
             return None
         m = np.asarray(attention_mask)
         if m.shape != (B, S) or not (m.dtype == bool or m.dtype.kind in "iu"):
-            raise ValueError(f"attention_mask must be a ({B}, {S}) array of 0/1 or bool (the cached "
-                             f"and the new tokens), got shape {m.shape} and dtype {m.dtype}")
+            raise ValueError(f"attention_mask must be a ({B}, {S}) array of 0/1 or bool, got shape "
+                             f"{m.shape} and dtype {m.dtype}")
         if m.dtype != bool and ((m != 0) & (m != 1)).any():
             raise ValueError("attention_mask holds values other than 0 and 1")
         m = m.astype(bool, copy=False)
@@ -379,9 +379,11 @@ class CausalLM:
 
     @staticmethod
     def _positions(keys, B, S):
-        """(B, S) positions: the count of tokens before each (padding counts none)."""
+        """(B, S) positions: the count of tokens before each (padding counts none). Without
+        padding (keys None) every row's are the same, (1, S), so the rotation and the position
+        embeddings are computed once and broadcast over the batch."""
         if keys is None:
-            return np.broadcast_to(np.arange(S), (B, S))
+            return np.arange(S)[None]
         return np.maximum(np.cumsum(keys, axis=1) - 1, 0)
 
     def _ids(self, input_ids):
