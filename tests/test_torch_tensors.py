@@ -2,8 +2,12 @@
 returns tensors, reads the inputs in place, and refuses what it cannot serve. Skipped when
 torch is not installed."""
 
+import copy
+import inspect
+import pickle
 import subprocess
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -47,8 +51,11 @@ def test_inputs_are_read_in_place():
 
 
 def fast_call(fn, *args, **kwargs):
-    """_core.tensor_call, the C path every call with tensors takes first."""
-    return mhattn._core.tensor_call(fn, args, kwargs, _torch._reader(torch.Tensor))
+    """fn through _core.TensorFunction's C path alone: NotImplemented where torch's own path
+    would take the call, and arrays the C path leaves in the result left as they are."""
+    c_path = mhattn._core.TensorFunction(fn, lambda T, args, kwargs: NotImplemented,
+                                         lambda result: result, _torch._reader)
+    return c_path(*args, **kwargs)
 
 
 def test_the_c_path_reads_tensors_in_place():
@@ -73,15 +80,35 @@ def test_the_c_path_keeps_the_tensor_alive_and_returns_tensors():
     t = torch.arange(12, dtype=torch.float32)
     a = fast_call(lambda x: x[3:], t)  # the array result comes back as a tensor over it
     assert isinstance(a, torch.Tensor) and a.data_ptr() == t.data_ptr() + 12
-    kept = fast_call(lambda x: (x,), t)[0]  # a tuple is left to the Python side
-    assert type(kept) is np.ndarray
+    pair = fast_call(lambda x: (x[::2], None, 5), t)  # and so do the arrays of a tuple
+    assert isinstance(pair[0], torch.Tensor) and pair[1:] == (None, 5)
+    assert pair[0].data_ptr() == t.data_ptr() and pair[0].stride() == (2,)
     del t
     import gc
     gc.collect()
-    np.testing.assert_array_equal(kept, np.arange(12, dtype=np.float32))
     np.testing.assert_array_equal(a.numpy(), np.arange(3, 12, dtype=np.float32))
-    b = fast_call(lambda: np.ones(2, BF16))  # bfloat16 has no from_numpy: left to Python
-    assert type(b) is np.ndarray
+    np.testing.assert_array_equal(pair[0].numpy(), np.arange(0, 12, 2, dtype=np.float32))
+    for dtype in (np.float16, np.float64, BF16):  # each a tensor of its dtype, bfloat16 too
+        r = np.arange(6, dtype=np.float32).astype(dtype).reshape(2, 3).T
+        got = fast_call(lambda t: r, torch.zeros(1))
+        assert isinstance(got, torch.Tensor) and got.data_ptr() == r.__array_interface__["data"][0]
+        assert got.stride() == (1, 3)
+        np.testing.assert_array_equal(as_np(got), r)
+    r = np.full(4, 2.0, np.float32)  # a fresh array lives as long as its tensor, no longer
+    alive = weakref.ref(r)
+    made = fast_call(lambda t: r, torch.zeros(1))
+    del r
+    gc.collect()
+    assert alive() is not None
+    np.testing.assert_array_equal(made.numpy(), np.full(4, 2.0, np.float32))
+    del made
+    gc.collect()
+    assert alive() is None
+    # What DLPack cannot carry as it is stays an array, for torch.from_numpy to take or refuse.
+    ro = np.ones(3, np.float32)
+    ro.flags.writeable = False
+    for r in (ro, np.arange(4, dtype=np.float32)[::-1], np.arange(3), np.ones(2, np.complex64)):
+        assert type(fast_call(lambda t: r, torch.zeros(1))) is np.ndarray
 
 
 def test_what_the_c_path_cannot_read_goes_to_torchs_path():
@@ -96,6 +123,49 @@ def test_what_the_c_path_cannot_read_goes_to_torchs_path():
     with pytest.raises(ValueError, match="key"):  # errors of the call itself come through
         mhattn.scaled_dot_product_attention(torch.randn(1, 2, 3, 8), torch.randn(1, 2, 4, 7),
                                             torch.randn(1, 2, 4, 8))
+
+
+def test_a_wrapped_function_is_still_the_function():
+    f = mhattn.scaled_dot_product_attention
+    assert f.__name__ == "scaled_dot_product_attention" and f.__doc__ == f.__wrapped__.__doc__
+    assert inspect.signature(f) == inspect.signature(f.__wrapped__)
+    for g in (f, mhattn.softmax, mhattn.MultiHeadAttention.__call__):
+        assert pickle.loads(pickle.dumps(g)) is g
+    assert copy.deepcopy(f) is f
+    # Without tensors the call reaches fn with the very objects it was given, and fn's result
+    # comes back as it is.
+    args, kw = (np.ones(2), [1]), {"k": np.zeros(1)}
+    echo = _torch.accepts_tensors(lambda *a, **k: (a, k))
+    got_args, got_kw = echo(*args, **kw)
+    assert all(g is a for g, a in zip(got_args, args)) and got_kw["k"] is kw["k"]
+    assert type(echo(np.ones(2))[0][0]) is np.ndarray
+
+
+def test_a_wrapped_method_binds_to_its_instance():
+    class Layer:
+        @_torch.accepts_tensors
+        def __call__(self, x, scale=1.0):
+            return (self, x * scale)
+
+        @_torch.accepts_tensors
+        def method(self, x):
+            return (self, x + 1)
+
+    layer = Layer()
+    for who, x in (layer(torch.ones(3), scale=2.0), Layer.__call__(layer, torch.ones(3), 2.0)):
+        assert who is layer and isinstance(x, torch.Tensor) and x.tolist() == [2.0, 2.0, 2.0]
+    who, x = layer.method(torch.ones(2))
+    assert who is layer and x.tolist() == [2.0, 2.0]
+    bound = layer.method
+    assert bound.__self__ is layer and bound(np.ones(1))[1].tolist() == [2.0]
+
+
+def test_calls_of_many_tensors_take_torchs_path():
+    total = _torch.accepts_tensors(lambda *xs: np.stack(xs).sum(axis=0))
+    xs = [torch.full((2,), float(i)) for i in range(40)]  # more than the C path's 31 arguments
+    assert fast_call(lambda *a: pytest.fail("called"), *xs) is NotImplemented
+    got = total(*xs)
+    assert isinstance(got, torch.Tensor) and got.tolist() == [sum(range(40))] * 2
 
 
 def test_outputs_are_tensors_over_the_result_memory():
