@@ -131,7 +131,7 @@ def test_a_wrapped_function_is_still_the_function():
     assert inspect.signature(f) == inspect.signature(f.__wrapped__)
     for g in (f, mhattn.softmax, mhattn.MultiHeadAttention.__call__):
         assert pickle.loads(pickle.dumps(g)) is g
-    assert copy.deepcopy(f) is f
+    assert copy.deepcopy(f) is f and weakref.ref(f)() is f
     # Without tensors the call reaches fn with the very objects it was given, and fn's result
     # comes back as it is.
     args, kw = (np.ones(2), [1]), {"k": np.zeros(1)}

@@ -213,8 +213,8 @@ py::object argument(PyObject* a, PyObject* const* reader) {
 // (one DLPack cannot carry). When some tensor must take torch's own path instead,
 // slow(Tensor, args, kwargs) makes the whole call. make_reader(Tensor) gives the reader
 // (Tensor, to_dlpack, bfloat16, from_dlpack) once torch is there.
-// It binds as a method (a layer's __call__), pickles by its qualified name as functions do,
-// and functools.update_wrapper gives it fn's name, doc and __wrapped__.
+// Like a function, it binds as a method (a layer's __call__), pickles by its qualified name,
+// takes weak references, and functools.update_wrapper gives it fn's name, doc and __wrapped__.
 struct TensorFunction {
   PyObject_HEAD
   vectorcallfunc vectorcall;
@@ -223,6 +223,7 @@ struct TensorFunction {
   PyObject* finish;
   PyObject* make_reader;
   PyObject* dict;
+  PyObject* weakrefs;
 };
 
 // What every TensorFunction shares: the torch module it last saw, its Tensor type, and the
@@ -367,6 +368,7 @@ int tensor_function_clear(PyObject* o) {
 
 void tensor_function_dealloc(PyObject* o) {
   PyObject_GC_UnTrack(o);
+  if (reinterpret_cast<TensorFunction*>(o)->weakrefs != nullptr) PyObject_ClearWeakRefs(o);
   tensor_function_clear(o);
   PyTypeObject* type = Py_TYPE(o);
   type->tp_free(o);
@@ -391,6 +393,7 @@ PyMethodDef tensor_function_methods[] = {
 
 PyMemberDef tensor_function_members[] = {
     {"__dictoffset__", T_PYSSIZET, offsetof(TensorFunction, dict), READONLY, nullptr},
+    {"__weaklistoffset__", T_PYSSIZET, offsetof(TensorFunction, weakrefs), READONLY, nullptr},
     {"__vectorcalloffset__", T_PYSSIZET, offsetof(TensorFunction, vectorcall), READONLY, nullptr},
     {nullptr, 0, 0, 0, nullptr}};
 
