@@ -33,16 +33,20 @@ def test_linear_blocked_sizes_both_thread_counts(isa, threads, rng, M, N, K):
     assert_close(mhattn.linear(x, w, b), ref.linear(x, w, b), "gemm")
 
 
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 8, 12, 13, 24, 25])
 @pytest.mark.parametrize("N", [257, 1000])
 def test_linear_few_rows_walk_several_panels_at_once(isa, threads, rng, M, N):
-    # At most one sliver of rows (a decode step) streams several panels of B side by side, as
-    # many as fit the registers, then fewer at the end of a task's run; N leaves an edge panel.
+    # A few slivers of rows (decode steps: up to 4 slivers, 24 rows with AVX) stream several
+    # panels of B side by side, as many as fit the registers, then fewer at the end of a task's
+    # run; N leaves an edge panel. K = 300 takes two steps of k when there are several slivers,
+    # the activation on the last only. Packed (Linear) and read where B lies (linear).
     K = 300
     x, w, b = mat(rng, M, K, scale=K ** -0.5), mat(rng, N, K), mat(rng, N)
     assert_close(mhattn.linear(x, w, b), ref.linear(x, w, b), "gemm")
     assert_close(mhattn.linear(x, w, b, activation="silu"), ref.linear(x, w, b, "silu"), "gemm")
+    assert_close(mhattn.Linear(w, b, activation="silu")(x), ref.linear(x, w, b, "silu"), "gemm")
     assert_close(mhattn.linear(x[:, ::-1], w), ref.linear(x[:, ::-1], w), "gemm")
+    assert_close(mhattn.matmul(x, w.T.copy()), ref.matmul(x, w.T), "gemm")  # B (K, N), rows contiguous
 
 
 def test_linear_strided_inputs_and_leading_axes(isa, rng):

@@ -15,7 +15,7 @@
 // Loop nest as gemm.cpp's: parallel tasks of (row block, run of panels); inside a task, groups
 // of up to KG pairs of A packed at once → panel → steps of KCP pairs → sliver → micro-kernel.
 // A product of at most MR rows (a decode step) takes each panel's whole K in one step, several
-// panels side by side (walk_panels), as gemm_one_sliver does: it is bound by reading B.
+// panels side by side (walk_panels), as gemm_few_rows does: it is bound by reading B.
 #include "gemm/tile.h"
 
 #if defined(__AVX512BF16__)

@@ -16,8 +16,8 @@
 // groups of up to KG columns of A (pack the A block, KC columns at a time) → panel → k0 in steps
 // of KC → sliver of MR rows → micro-kernel. Each panel's C tile takes all the KC steps of a group
 // while it is in cache, so C goes to memory once per group rather than once per KC step.
-// A product of at most MR rows (a decode step) goes through gemm_one_sliver instead: one KC
-// step over the whole of K, and several panels of B streamed side by side.
+// A product of at most kFewRows rows (decode steps) goes through gemm_few_rows instead, which
+// streams several panels of B side by side, A packed once.
 // gemm_simple is the same product as three plain loops: it is the definition a reader checks
 // the fast path against, and it serves K = 0 and products too small to be worth packing A.
 //
@@ -27,7 +27,7 @@
 // before the row slivers use it, as a 16-bit packed B is widened. A product of at most MR rows
 // reads B where it lies: each row of B scaled into the rows of C when B's rows are contiguous
 // (gemm_axpy), dot products with the rows of W when its columns are (gemm_dot); any other
-// strides go through gemm_one_sliver, a K × NR copy of one panel at a time.
+// strides, and up to kFewRows rows, go through gemm_few_rows, a copy of one panel at a time.
 #include <algorithm>
 
 #include "gemm/tile.h"
@@ -188,37 +188,60 @@ inline void store_run(const OutMap& c, int64_t m, int64_t n0, const float* vals,
   }
 }
 
-// C (M, N) = act(A · B + bias) for M <= MR, a decode step: B is read once, from memory, and
-// that is all that bounds it. A is packed once, whole K, before the threads start, and each
-// task streams its run of panels from start to end in one KC step: P panels side by side for a
-// packed B, one at a time through a K × NR copy for a strided one (gemm_raw sends the common
-// strided ones to gemm_dot and gemm_axpy instead).
+// C (M, N) = act(A · B + bias) for M <= kFewRows, decode steps of one or a few sequences: B is
+// read once, from memory, and that is what bounds it. A is packed once, whole K, before the
+// threads start, and each task streams its run of panels from start to end: P panels side by
+// side for a packed B, one at a time through a copy for a strided one (gemm_raw sends the
+// common strided ones of at most MR rows to gemm_dot and gemm_axpy instead). One sliver of A
+// (M <= MR) keeps its C tile in registers over the whole of K. Several take KC steps: the
+// first sliver reads a step's rows of B from memory, and the others find them in L1. Through
+// gemm_typed's row blocks instead, which read B a panel at a time in runs of KG rows, 8 rows
+// took 1.4x as long as 6 (1 × 4096 → 4096 weights, 2 threads, Zen 4).
 template <class AT, class Src>
-void gemm_one_sliver(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const Src& b,
-                     const float* bias, Activation act, int64_t M) {
-  const int64_t N = b.N, K = b.K;
+void gemm_few_rows(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const Src& b,
+                   const float* bias, Activation act, int64_t M) {
+  const int64_t N = b.N, K = b.K, kp = round_up(K, W);
   const int nt = num_threads();
   const int64_t panels = (N + NR - 1) / NR;
   const int64_t runs = std::min<int64_t>(panels, 2 * nt);
   const int64_t run_len = (panels + runs - 1) / runs;
-  float* ap = shared_scratch(MR * round_up(K, W));
+  const int64_t slivers = (M + MR - 1) / MR, kstep = slivers == 1 ? K : KC;
+  float* ap = shared_scratch(slivers * MR * kp);
   pack_a(ap, a, a_rs, a_cs, M, K);
-  float* crow[MR];
+  float* crow[kFewRows];
   for (int64_t i = 0; i < M; ++i) crow[i] = c.row(i);
-  with_rows<MR>(M, [&](auto r) {
+  // The widest sliver's rows (M itself when it is the only one) set P.
+  with_rows<MR>(std::min<int64_t>(M, MR), [&](auto r) {
     constexpr int R = decltype(r)::value;
 #pragma omp parallel for schedule(dynamic) num_threads(nt) if (nt > 1 && 2.0 * M * N * K > kParallelFlops)
     for (int64_t t = 0; t < runs; ++t)
       walk_panels<stream_panels(R)>(t * run_len, std::min(panels, (t + 1) * run_len),
                                     [&](auto np, int64_t p) {
         constexpr int P = decltype(np)::value;
-        if constexpr (Src::kInPlace) {
-          micro_kernel<R, P>(K, ap, b.panel(p), K * NR, c, crow, p * NR, N, bias, true, act);
-        } else {
-          float* buf = thread_scratch(1, K * NR);
-          for (int q = 0; q < P; ++q)
-            micro_kernel<R, 1>(K, ap, b.sliver(p + q, 0, K, buf), 0, c, crow, (p + q) * NR, N,
-                               bias, true, act);
+        float* buf = Src::kInPlace ? nullptr : thread_scratch(1, kstep * NR);
+        for (int64_t k0 = 0; k0 < K; k0 += kstep) {
+          const int64_t kc = std::min(kstep, K - k0);
+          const Activation step_act = k0 + kc == K ? act : Activation::none;
+          // The slivers of A against q panels of B from bq (panels b_step apart), rows k0 ..
+          auto slivers_times = [&](auto nq, auto bq, int64_t b_step, int64_t p0) {
+            constexpr int Q = decltype(nq)::value;
+            for (int64_t i0 = 0; i0 < M; i0 += MR) {
+              const float* as = ap + i0 * kp + k0 * MR;
+              if (M - i0 >= R)  // every sliver but a last, shorter one
+                micro_kernel<R, Q>(kc, as, bq, b_step, c, crow + i0, p0 * NR, N, bias, k0 == 0, step_act);
+              else if constexpr (R == MR)  // (a shorter sliver follows only full ones)
+                with_rows<MR>(M - i0, [&](auto rr) {
+                  micro_kernel<decltype(rr)::value, Q>(kc, as, bq, b_step, c, crow + i0, p0 * NR, N,
+                                                       bias, k0 == 0, step_act);
+                });
+            }
+          };
+          if constexpr (Src::kInPlace) {
+            slivers_times(np, b.panel(p) + k0 * NR, K * NR, p);
+          } else {
+            for (int q = 0; q < P; ++q)
+              slivers_times(std::integral_constant<int, 1>{}, b.sliver(p + q, k0, kc, buf), 0, p + q);
+          }
         }
       });
   });
@@ -357,7 +380,7 @@ void gemm_typed(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const 
   if (M == 0 || N == 0) return;
   const double flops = 2.0 * M * N * K;
   if (K == 0 || flops < kTinyFlops) return gemm_simple(c, a, a_rs, a_cs, b, bias, act, M);
-  if (M <= MR) return gemm_one_sliver(c, a, a_rs, a_cs, b, bias, act, M);
+  if (M <= kFewRows) return gemm_few_rows(c, a, a_rs, a_cs, b, bias, act, M);
 
   const int nt = num_threads();
   const Tasks tk = tasks_of(M, N, nt);
