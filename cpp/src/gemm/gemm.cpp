@@ -24,10 +24,11 @@
 // gemm_raw is the same GEMM on a B that nobody packed (the one-shot mhattn.linear and matmul):
 // it never copies the whole of B. The loop nest is gemm_typed's, and each KC × NR sliver of B
 // is copied (transposed, when B's columns are contiguous, as for x · Wᵀ) into an L1 buffer just
-// before the row slivers use it, as a 16-bit packed B is widened. A product of at most MR rows
-// reads B where it lies: each row of B scaled into the rows of C when B's rows are contiguous
-// (gemm_axpy), dot products with the rows of W when its columns are (gemm_dot); any other
-// strides, and up to kFewRows rows, go through gemm_few_rows, a copy of one panel at a time.
+// before the row slivers use it, as a 16-bit packed B is widened. A product of a few rows reads
+// B where it lies: each row of B scaled into the rows of C when B's rows are contiguous
+// (gemm_axpy, up to MR rows), dot products with the rows of W when its columns are (gemm_dot,
+// up to kDotRows); other strides, and more rows up to kFewRows, go through gemm_few_rows, which
+// copies B a sliver at a time.
 #include <algorithm>
 
 #include "gemm/tile.h"
@@ -255,8 +256,13 @@ void gemm_few_rows(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, con
 constexpr int dot_cols(int rows) {
   return std::max(2, std::min(8, (W == 16 ? 24 : 12) / rows));
 }
+// Rows of A gemm_dot takes: up to 8 with AVX-512, whose registers then hold 3 rows of W beside
+// them; MR elsewhere. With 12 rows (2 rows of W, too few streams from memory) 12 × 4096 → 4096
+// took 6.6 ms, against 5 in gemm_few_rows; 8 rows took 3.5 ms, against 4.3-4.7 there, where
+// B's slivers are copied (Zen 4, 2 threads).
+constexpr int64_t kDotRows = W == 16 ? 8 : MR;
 
-// C (M, N) = act(A (M, K) · B + bias) for M <= MR and B's columns contiguous: B = Wᵀ with W
+// C (M, N) = act(A (M, K) · B + bias) for M <= kDotRows and B's columns contiguous: B = Wᵀ with W
 // (N, K) row-major, a decode step's x · Wᵀ on weights nobody packed. C(m, n) is the dot product
 // of row m of A (widened to float32 once, rows K apart in shared scratch) with row n of W, read
 // in place: J rows of W stream side by side, each read once, and A stays in cache.
@@ -268,7 +274,7 @@ void gemm_dot(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const St
   float* ap = shared_scratch(M * K);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) ap[m * K + k] = to_f32(a[m * a_rs + k * a_cs]);
-  with_rows<MR>(M, [&](auto r) {
+  with_rows<kDotRows>(M, [&](auto r) {
     constexpr int R = decltype(r)::value, J = dot_cols(R);
     const int64_t groups = (N + J - 1) / J;
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && 2.0 * M * N * K > kParallelFlops)
@@ -506,9 +512,9 @@ void gemm_raw(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t 
     using BT = std::remove_const_t<std::remove_pointer_t<decltype(bp)>>;
     const BT* ap = static_cast<const BT*>(a);
     const Strided<BT> src{bp, b_ks, b_ns, K, N};
-    const bool few = M > 0 && M <= MR && N > 0 && 2.0 * M * N * K >= kTinyFlops;
-    if (few && b_ns == 1) return gemm_axpy(c, ap, a_rs, a_cs, src, bias, act, M);
-    if (few && b_ks == 1) return gemm_dot(c, ap, a_rs, a_cs, src, bias, act, M);
+    const bool few = M > 0 && N > 0 && 2.0 * M * N * K >= kTinyFlops;
+    if (few && M <= MR && b_ns == 1) return gemm_axpy(c, ap, a_rs, a_cs, src, bias, act, M);
+    if (few && M <= kDotRows && b_ks == 1) return gemm_dot(c, ap, a_rs, a_cs, src, bias, act, M);
     if (M >= 2 * MC && K > 0 && c.cols_per_group >= N)
       return gemm_raw_blocks(c, ap, a_rs, a_cs, src, bias, act, M);
     gemm_typed(c, ap, a_rs, a_cs, src, bias, act, M);
