@@ -186,9 +186,11 @@ def preset(name, args):
     if name == "gemm":
         # Every shape three ways: a layer's prepacked weights, and the one-shot calls. Against
         # the faster of torch and NumPy; the big products against the FMA peak measured beside
-        # them, the decode step's one-shot call against the read bandwidth.
+        # them, the decode step's one-shot call against the read bandwidth. 8 × 4096 → 4096 is
+        # a decode step of 8 sequences at once (two slivers of rows, B still read once).
         shapes = [(n, n, n) for n in (1024, 2048)] + [
-            (m, n, 768) for m in (128, 512, 4096) for n in (2304, 768)] + [(1, 4096, 4096)]
+            (m, n, 768) for m in (128, 512, 4096) for n in (2304, 768)] + [
+            (1, 4096, 4096), (8, 4096, 4096)]
         def target(m, n, k, part):
             t = "1.05x torch+numpy"
             if (m, n, k) in ((1024, 1024, 1024), (2048, 2048, 2048), (4096, 2304, 768)):
