@@ -96,13 +96,14 @@ void delete_unconsumed(PyObject* capsule) {  // a consumer renames the capsule i
 
 // The array a as a tensor over its memory, through from_dlpack (torch's import of a DLPack
 // capsule); a itself (a new reference) when DLPack cannot carry it as it is: another dtype,
-// read-only, or a stride that is negative or not whole elements (torch.from_numpy, in
-// _torch.py, then converts it or says why not).
+// read-only, more than 32 dims, or a stride that is negative or not whole elements
+// (torch.from_numpy, in _torch.py, then converts it or says why not).
 py::object tensor_of(py::handle a, py::handle bfloat16, py::handle from_dlpack) {
   auto* arr = py::detail::array_proxy(a.ptr());
   const DLDataType dt = dlpack_dtype(reinterpret_cast<PyObject*>(arr->descr), bfloat16);
   const int64_t item = dt.bits / 8;
-  bool ok = dt.lanes == 1 && (arr->flags & py::detail::npy_api::NPY_ARRAY_WRITEABLE_) != 0;
+  bool ok = dt.lanes == 1 && (arr->flags & py::detail::npy_api::NPY_ARRAY_WRITEABLE_) != 0 &&
+            arr->nd <= 32;  // (NumPy 2 allows 64 dims; Exported holds 32)
   for (int i = 0; ok && i < arr->nd; ++i) ok = arr->strides[i] >= 0 && arr->strides[i] % item == 0;
   if (!ok) return py::reinterpret_borrow<py::object>(a);
   auto* e = new Exported;
