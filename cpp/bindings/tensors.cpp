@@ -354,6 +354,7 @@ int tensor_function_traverse(PyObject* o, visitproc visit, void* arg) {
   Py_VISIT(self->finish);
   Py_VISIT(self->make_reader);
   Py_VISIT(self->dict);
+  Py_VISIT(Py_TYPE(o));  // instances of a heap type hold a reference to it
   return 0;
 }
 
