@@ -193,7 +193,7 @@ inline void store_run(const OutMap& c, int64_t m, int64_t n0, const float* vals,
 // read once, from memory, and that is what bounds it. A is packed once, whole K, before the
 // threads start, and each task streams its run of panels from start to end: P panels side by
 // side for a packed B, one at a time through a copy for a strided one (gemm_raw sends the
-// common strided ones of at most MR rows to gemm_dot and gemm_axpy instead). One sliver of A
+// common strided ones to gemm_dot, up to kDotRows rows, and gemm_axpy, up to MR). One sliver of A
 // (M <= MR) keeps its C tile in registers over the whole of K. Several take KC steps: the
 // first sliver reads a step's rows of B from memory, and the others find them in L1. Through
 // gemm_typed's row blocks instead, which read B a panel at a time in runs of KG rows, 8 rows
