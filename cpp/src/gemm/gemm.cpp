@@ -16,8 +16,8 @@
 // groups of up to KG columns of A (pack the A block, KC columns at a time) → panel → k0 in steps
 // of KC → sliver of MR rows → micro-kernel. Each panel's C tile takes all the KC steps of a group
 // while it is in cache, so C goes to memory once per group rather than once per KC step.
-// A product of at most kFewRows rows (decode steps) goes through gemm_few_rows instead, which
-// streams several panels of B side by side, A packed once.
+// A product of a few rows (decode steps: up to kFewRows on packed B, MR on any) goes through
+// gemm_few_rows instead, which streams several panels of B side by side, A packed once.
 // gemm_simple is the same product as three plain loops: it is the definition a reader checks
 // the fast path against, and it serves K = 0 and products too small to be worth packing A.
 //
@@ -26,9 +26,9 @@
 // is copied (transposed, when B's columns are contiguous, as for x · Wᵀ) into an L1 buffer just
 // before the row slivers use it, as a 16-bit packed B is widened. A product of a few rows reads
 // B where it lies: each row of B scaled into the rows of C when B's rows are contiguous
-// (gemm_axpy, up to MR rows), dot products with the rows of W when its columns are (gemm_dot,
-// up to kDotRows); other strides, and more rows up to kFewRows, go through gemm_few_rows, which
-// copies B a sliver at a time.
+// (gemm_axpy), dot products with the rows of W when its columns are (gemm_dot), up to
+// kInPlaceRows rows; other strides of up to MR rows go through gemm_few_rows, which copies B a
+// panel at a time.
 #include <algorithm>
 
 #include "gemm/tile.h"
@@ -189,15 +189,15 @@ inline void store_run(const OutMap& c, int64_t m, int64_t n0, const float* vals,
   }
 }
 
-// C (M, N) = act(A · B + bias) for M <= kFewRows, decode steps of one or a few sequences: B is
-// read once, from memory, and that is what bounds it. A is packed once, whole K, before the
-// threads start, and each task streams its run of panels from start to end: P panels side by
-// side for a packed B, one at a time through a copy for a strided one (gemm_raw sends the
-// common strided ones to gemm_dot, up to kDotRows rows, and gemm_axpy, up to MR). One sliver of A
-// (M <= MR) keeps its C tile in registers over the whole of K. Several take KC steps: the
-// first sliver reads a step's rows of B from memory, and the others find them in L1. Through
-// gemm_typed's row blocks instead, which read B a panel at a time in runs of KG rows, 8 rows
-// took 1.4x as long as 6 (1 × 4096 → 4096 weights, 2 threads, Zen 4).
+// C (M, N) = act(A · B + bias) for M <= kFewRows (a packed B) or M <= MR (any B), decode steps of
+// one or a few sequences: B is read once, from memory, and that is what bounds it. A is packed
+// once, whole K, before the threads start, and each task streams its run of panels from start to
+// end: P panels side by side for a packed B, one at a time through a copy for a strided one
+// (gemm_raw sends the common strided ones of up to kInPlaceRows rows to gemm_dot and gemm_axpy).
+// One sliver of A (M <= MR) keeps its C tile in registers over the whole of K. Several take KC
+// steps: the first sliver reads a step's rows of B from memory, and the others find them in L1.
+// Through gemm_typed's row blocks instead, which read B a panel at a time in runs of KG rows, 8
+// rows took 1.4x as long as 6 (4096 × 4096 weights, 2 threads, Zen 4).
 template <class AT, class Src>
 void gemm_few_rows(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const Src& b,
                    const float* bias, Activation act, int64_t M) {
@@ -256,13 +256,14 @@ void gemm_few_rows(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, con
 constexpr int dot_cols(int rows) {
   return std::max(2, std::min(8, (W == 16 ? 24 : 12) / rows));
 }
-// Rows of A gemm_dot takes: up to 8 with AVX-512, whose registers then hold 3 rows of W beside
-// them; MR elsewhere. With 12 rows (2 rows of W, too few streams from memory) 12 × 4096 → 4096
-// took 6.6 ms, against 5 in gemm_few_rows; 8 rows took 3.5 ms, against 4.3-4.7 there, where
-// B's slivers are copied (Zen 4, 2 threads).
-constexpr int64_t kDotRows = W == 16 ? 8 : MR;
+// Rows of A for which gemm_dot and gemm_axpy read B in place: up to 8 with AVX-512, whose
+// registers then hold 3 rows of W beside them in gemm_dot; MR elsewhere. With 12 rows (2 rows
+// of W, too few streams from memory) 12 × 4096 → 4096 took 6.6 ms in gemm_dot, against 5 in
+// gemm_few_rows; 8 rows took 3.5 ms, against 4.3-4.7 there, where B's slivers are copied; and
+// A @ B of 8 rows, whose slivers of B are rows 16 KB apart, 7.7 ms there (Zen 4, 2 threads).
+constexpr int64_t kInPlaceRows = W == 16 ? 8 : MR;
 
-// C (M, N) = act(A (M, K) · B + bias) for M <= kDotRows and B's columns contiguous: B = Wᵀ with W
+// C (M, N) = act(A (M, K) · B + bias) for M <= kInPlaceRows and B's columns contiguous: B = Wᵀ with W
 // (N, K) row-major, a decode step's x · Wᵀ on weights nobody packed. C(m, n) is the dot product
 // of row m of A (widened to float32 once, rows K apart in shared scratch) with row n of W, read
 // in place: J rows of W stream side by side, each read once, and A stays in cache.
@@ -274,7 +275,7 @@ void gemm_dot(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const St
   float* ap = shared_scratch(M * K);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < K; ++k) ap[m * K + k] = to_f32(a[m * a_rs + k * a_cs]);
-  with_rows<kDotRows>(M, [&](auto r) {
+  with_rows<kInPlaceRows>(M, [&](auto r) {
     constexpr int R = decltype(r)::value, J = dot_cols(R);
     const int64_t groups = (N + J - 1) / J;
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && 2.0 * M * N * K > kParallelFlops)
@@ -305,7 +306,7 @@ void gemm_dot(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const St
   });
 }
 
-// C (M, N) = act(A (M, K) · B + bias) for M <= MR and B's rows contiguous (A @ B with B (K, N)
+// C (M, N) = act(A (M, K) · B + bias) for M <= kInPlaceRows and B's rows contiguous (A @ B with B (K, N)
 // row-major, a decode step's product on a B nobody packed): row k of B, read in place, scaled
 // by a(m, k) and added into row m of an accumulator in scratch, U = 8 rows of B at a time. The
 // columns are cut into blocks of at most 16 KB of accumulators (in L1), at least one block per
@@ -329,7 +330,7 @@ void gemm_axpy(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const S
     for (int64_t k = 0; k < K; k += U) {
       const int64_t rows = std::min<int64_t>(U, K - k);
       const BT* br[U];
-      float x[MR][U];
+      float x[kInPlaceRows][U];
       for (int u = 0; u < U; ++u) {
         br[u] = b.b + (k + std::min<int64_t>(u, rows - 1)) * b.ks + n0;
         for (int64_t m = 0; m < M; ++m) x[m][u] = u < rows ? to_f32(a[m * a_rs + (k + u) * a_cs]) : 0.0f;
@@ -386,7 +387,11 @@ void gemm_typed(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const 
   if (M == 0 || N == 0) return;
   const double flops = 2.0 * M * N * K;
   if (K == 0 || flops < kTinyFlops) return gemm_simple(c, a, a_rs, a_cs, b, bias, act, M);
-  if (M <= kFewRows) return gemm_few_rows(c, a, a_rs, a_cs, b, bias, act, M);
+  // (A strided B of more rows keeps the row blocks: gemm_few_rows would copy each panel's
+  // rows of B, 16 KB apart in A @ B at N = 4096, a whole panel after another, and took 8.1-8.8
+  // ms on 9-12 × 4096 → 4096 against 6.4-7.0 here; x · Wᵀ ran alike both ways.)
+  if (M <= MR || (Src::kInPlace && M <= kFewRows))
+    return gemm_few_rows(c, a, a_rs, a_cs, b, bias, act, M);
 
   const int nt = num_threads();
   const Tasks tk = tasks_of(M, N, nt);
@@ -512,9 +517,9 @@ void gemm_raw(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t 
     using BT = std::remove_const_t<std::remove_pointer_t<decltype(bp)>>;
     const BT* ap = static_cast<const BT*>(a);
     const Strided<BT> src{bp, b_ks, b_ns, K, N};
-    const bool few = M > 0 && N > 0 && 2.0 * M * N * K >= kTinyFlops;
-    if (few && M <= MR && b_ns == 1) return gemm_axpy(c, ap, a_rs, a_cs, src, bias, act, M);
-    if (few && M <= kDotRows && b_ks == 1) return gemm_dot(c, ap, a_rs, a_cs, src, bias, act, M);
+    const bool few = M > 0 && M <= kInPlaceRows && N > 0 && 2.0 * M * N * K >= kTinyFlops;
+    if (few && b_ns == 1) return gemm_axpy(c, ap, a_rs, a_cs, src, bias, act, M);
+    if (few && b_ks == 1) return gemm_dot(c, ap, a_rs, a_cs, src, bias, act, M);
     if (M >= 2 * MC && K > 0 && c.cols_per_group >= N)
       return gemm_raw_blocks(c, ap, a_rs, a_cs, src, bias, act, M);
     gemm_typed(c, ap, a_rs, a_cs, src, bias, act, M);

@@ -33,8 +33,9 @@ constexpr int64_t KG = 4 * KC;
 // Below this many flops a product runs on one thread through gemm_simple: starting the OpenMP
 // team and packing cost more than the work.
 constexpr double kTinyFlops = 2.0 * 16 * 16 * 16;
-// Products of at most this many rows (a few slivers of A: decode steps, batched or not) read B
-// once, streaming it (gemm_few_rows); more go through the row blocks of gemm_typed.
+// Products of at most this many rows (a few slivers of A: decode steps, batched or not) on a
+// packed B read it once, streaming it (gemm_few_rows); more go through the row blocks of
+// gemm_typed.
 constexpr int64_t kFewRows = 4 * MR;
 constexpr double kParallelFlops = 2.0 * 64 * 64 * 64;
 
