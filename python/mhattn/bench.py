@@ -141,9 +141,15 @@ class Case:
         return kv
 
 
-def heads_sweep(width=768, L=512, B=1, heads=(1, 2, 4, 8, 12, 16, 32, 64), target="1.15x best"):
-    return [Case(f"heads, width {width}", "sdpa", B, h, h, L, L, width // h, target=target)
-            for h in heads if width % h == 0]
+# Attention whose heads are wide and long enough (E >= 64, L >= 512) must also run at 75% of the
+# FMA peak measured beside it (issue 16's targets, as the sweep's flatness below).
+def attention_target(E, L, target="1.15x best"):
+    return target + ("; 0.75 peak" if E >= 64 and L >= 512 else "")
+
+
+def heads_sweep(width=768, L=512, B=1, heads=(1, 2, 4, 8, 12, 16, 32, 64)):
+    return [Case(f"heads, width {width}", "sdpa", B, h, h, L, L, width // h,
+                 target=attention_target(width // h, L)) for h in heads if width % h == 0]
 
 
 def fixed_dim_sweep(E=64, L=512, B=1, heads=(1, 2, 4, 8, 12, 16, 32, 64)):
@@ -158,10 +164,10 @@ def preset(name, args):
     if name == "fixed-dim":
         return fixed_dim_sweep(64, L, B, heads)
     if name == "design":
-        return [Case("design shapes", "sdpa", b, h, h, l, l, 64, target="1.15x best")
+        return [Case("design shapes", "sdpa", b, h, h, l, l, 64, target=attention_target(64, l))
                 for b, h, l in ((1, 12, 128), (8, 12, 128), (1, 12, 512), (1, 16, 2048))]
     if name == "causal":
-        return [Case("causal", "sdpa", 1, 32, 32, 1024, 1024, 128, causal=True, target="1.2x torch")]
+        return [Case("causal", "sdpa", 1, 32, 32, 1024, 1024, 128, causal=True, target="1.3x torch")]
     if name == "gqa":
         return [Case("grouped-query", "sdpa", 1, 32, 8, L, L, 128, causal=True)]
     if name == "decode":
@@ -169,7 +175,7 @@ def preset(name, args):
                 Case("decode", "decode", 16, 32, 32, 1, 1024, 128, target="0.75 bandwidth"),
                 Case("decode", "decode", 1, 32, 8, 1, 4096, 128)]
     if name == "layer":
-        return [Case("MultiHeadAttention layer", "layer", b, h, h, l, l, d // h, target="1.1x torch")
+        return [Case("MultiHeadAttention layer", "layer", b, h, h, l, l, d // h, target="1.15x torch")
                 for b, l, d, h in ((1, 128, 768, 12), (8, 128, 768, 12), (1, 512, 768, 12), (1, 512, 1024, 16))]
     if name == "heads-masked":  # head_mask with every other head at 0, against the unmasked call
         return [Case("MultiHeadAttention layer, half the heads masked", "layer", b, h, h, l, l, d // h,
@@ -1225,7 +1231,7 @@ def add_flatness(results):
 
 
 # The sweep over head count at a fixed width must be flat: slowest H within this of the fastest.
-SWEEP_FLAT = 1.5
+SWEEP_FLAT = 1.4
 
 
 def sweep_flatness(results, engines):
