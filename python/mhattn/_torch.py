@@ -4,10 +4,10 @@ Every public function and layer call is wrapped by `accepts_tensors`. When an ar
 torch.Tensor, each tensor argument becomes a NumPy array over the same memory, with the same
 strides (read through the tensor's DLPack capsule by _core.TensorFunction, which is faster than
 torch's .numpy() and knows bfloat16), the NumPy code runs, and each array it returns becomes a
-tensor over the array's memory (through a DLPack capsule made for it, which torch imports). A tensor DLPack would misdescribe (a negative view) or cannot
-carry goes through torch's .numpy(), which reads it or says why not. torch is never imported
-here: a tensor can only exist once its caller has imported torch, so `sys.modules` tells
-whether to look for one at all.
+tensor over the array's memory (through a DLPack capsule made for it, which torch imports). A
+tensor DLPack would misdescribe (a negative view) or cannot carry goes through torch's
+.numpy(), which reads it or says why not. torch is never imported here: a tensor can only exist
+once its caller has imported torch, so `sys.modules` tells whether to look for one at all.
 
 Refused with TypeError: tensors off the CPU, and tensors that require grad while autograd is
 on (mhattn computes no gradients; under torch.no_grad() or torch.inference_mode() they are

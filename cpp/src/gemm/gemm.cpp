@@ -229,7 +229,8 @@ void gemm_few_rows(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, con
             for (int64_t i0 = 0; i0 < M; i0 += MR) {
               const float* as = ap + i0 * kp + k0 * MR;
               if (M - i0 >= R)  // every sliver but a last, shorter one
-                micro_kernel<R, Q>(kc, as, bq, b_step, c, crow + i0, p0 * NR, N, bias, k0 == 0, step_act);
+                micro_kernel<R, Q>(kc, as, bq, b_step, c, crow + i0, p0 * NR, N, bias, k0 == 0,
+                                   step_act);
               else if constexpr (R == MR)  // (a shorter sliver follows only full ones)
                 with_rows<MR>(M - i0, [&](auto rr) {
                   micro_kernel<decltype(rr)::value, Q>(kc, as, bq, b_step, c, crow + i0, p0 * NR, N,
@@ -241,7 +242,8 @@ void gemm_few_rows(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, con
             slivers_times(np, b.panel(p) + k0 * NR, K * NR, p);
           } else {
             for (int q = 0; q < P; ++q)
-              slivers_times(std::integral_constant<int, 1>{}, b.sliver(p + q, k0, kc, buf), 0, p + q);
+              slivers_times(std::integral_constant<int, 1>{}, b.sliver(p + q, k0, kc, buf), 0,
+                            p + q);
           }
         }
       });
@@ -263,10 +265,10 @@ constexpr int dot_cols(int rows) {
 // A @ B of 8 rows, whose slivers of B are rows 16 KB apart, 7.7 ms there (Zen 4, 2 threads).
 constexpr int64_t kInPlaceRows = W == 16 ? 8 : MR;
 
-// C (M, N) = act(A (M, K) · B + bias) for M <= kInPlaceRows and B's columns contiguous: B = Wᵀ with W
-// (N, K) row-major, a decode step's x · Wᵀ on weights nobody packed. C(m, n) is the dot product
-// of row m of A (widened to float32 once, rows K apart in shared scratch) with row n of W, read
-// in place: J rows of W stream side by side, each read once, and A stays in cache.
+// C (M, N) = act(A (M, K) · B + bias) for M <= kInPlaceRows and B's columns contiguous: B = Wᵀ with
+// W (N, K) row-major, a decode step's x · Wᵀ on weights nobody packed. C(m, n) is the dot product
+// of row m of A (widened to float32 once, rows K apart in shared scratch) with row n of W, read in
+// place: J rows of W stream side by side, each read once, and A stays in cache.
 template <class AT, class BT>
 void gemm_dot(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const Strided<BT>& b,
               const float* bias, Activation act, int64_t M) {
@@ -306,14 +308,14 @@ void gemm_dot(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const St
   });
 }
 
-// C (M, N) = act(A (M, K) · B + bias) for M <= kInPlaceRows and B's rows contiguous (A @ B with B (K, N)
-// row-major, a decode step's product on a B nobody packed): row k of B, read in place, scaled
-// by a(m, k) and added into row m of an accumulator in scratch, U = 8 rows of B at a time. The
-// columns are cut into blocks of at most 16 KB of accumulators (in L1), at least one block per
+// C (M, N) = act(A (M, K) · B + bias) for M <= kInPlaceRows and B's rows contiguous (A @ B with B
+// (K, N) row-major, a decode step's product on a B nobody packed): row k of B, read in place,
+// scaled by a(m, k) and added into row m of an accumulator in scratch, U = 8 rows of B at a time.
+// The columns are cut into blocks of at most 16 KB of accumulators (in L1), at least one block per
 // thread, so that each row of B is read in runs of pages. Walking panels of B down its rows
-// instead, a few hundred bytes of each row at a time, read 1 × 4096 → 4096 at 0.5x NumPy. In
-// one run of that product (Zen 4, 2 threads), 8 rows at a time in runs of 8 KB took 1.9-2.0 ms
-// (a plain read of B: 1.9-2.2), 4 rows 2.2, 2 rows 2.6-2.9, 8 rows in runs of 2 KB 3.5-4.7.
+// instead, a few hundred bytes of each row at a time, read 1 × 4096 → 4096 at 0.5x NumPy. In one
+// run of that product (Zen 4, 2 threads), 8 rows at a time in runs of 8 KB took 1.9-2.0 ms (a plain
+// read of B: 1.9-2.2), 4 rows 2.2, 2 rows 2.6-2.9, 8 rows in runs of 2 KB 3.5-4.7.
 template <class AT, class BT>
 void gemm_axpy(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const Strided<BT>& b,
                const float* bias, Activation act, int64_t M) {
