@@ -21,8 +21,9 @@ def mat(rng, *shape, scale=1.0, dtype=np.float32):
 # (M, N, K): one element; K odd (a last pair of k half empty); N past a panel; a decode step's
 # few rows (1-7, several panels side by side); K past one step and one group of k (2500: two
 # groups of pairs, the last partial); M past a row block.
-SHAPES = [(1, 1, 1), (5, 17, 33), (7, 70, 129), (1, 1000, 300), (6, 257, 300), (17, 255, 255),
-          (300, 200, 701), (150, 33, 2500)]
+# 8 and 9 rows: the vdpbf16ps kernel's whole 8-row tile, and one row past it.
+SHAPES = [(1, 1, 1), (5, 17, 33), (7, 70, 129), (1, 1000, 300), (6, 257, 300), (8, 40, 64),
+          (9, 48, 130), (17, 255, 255), (300, 200, 701), (150, 33, 2500)]
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=["bf16", "f16"])

@@ -6,7 +6,7 @@
 //
 // B is packed once in Layout::pairs (ops.h): panels of NR columns whose rows come in pairs of
 // k, so that a 512-bit load holds the pairs (b(2kk, j), b(2kk+1, j)) of 16 columns. A is
-// rounded to bfloat16 (to nearest, ties to even) as it is packed, in slivers of MR rows, each row
+// rounded to bfloat16 (to nearest, ties to even) as it is packed, in slivers of MRP rows, each row
 // a run of pairs: the pair (a(i, 2kk), a(i, 2kk+1)) is one 32-bit word, which the micro-kernel
 // broadcasts to every lane. So a product with a bfloat16 B computes in bfloat16 whatever A's
 // dtype: its accuracy is bfloat16's. Accumulation is float32. (vdpbf16ps, and the vector
@@ -14,7 +14,7 @@
 //
 // Loop nest as gemm.cpp's: parallel tasks of (row block, run of panels); inside a task, groups
 // of up to KG pairs of A packed at once → panel → steps of KCP pairs → sliver → micro-kernel.
-// A product of at most MR rows (a decode step) takes each panel's whole K in one step, several
+// A product of at most MRP rows (a decode step) takes each panel's whole K in one step, several
 // panels side by side (walk_panels), as gemm_few_rows does: it is bound by reading B.
 #include "gemm/tile.h"
 
@@ -29,6 +29,13 @@ namespace {
 // MC × KG words = 576 KB) stays in the 1 MB L2 while every panel of the task's run passes, as
 // in gemm.cpp.
 constexpr int64_t KCP = 128;
+// Register tile MRP × NR: 8 × 2 accumulators, two B vectors and the broadcast, 19 of the 32
+// registers. Zen 5 issues two vdpbf16ps a cycle at a latency of 6 (as the fp32 FMA's
+// 4, times the two pipes, gemm.cpp's 6 × 2 tile covers), so it needs at least 12 in flight: in
+// an in-cache test of the micro-kernel alone (one thread, 128 pairs a step) 6 rows ran at
+// 400 GFLOP/s and 8, 10, 12 rows at 443-453, the peak of fma_peak.c (449). Zen 4 issues one a
+// cycle, for which 6 in flight would do and 16 cost nothing more than registers.
+constexpr int MRP = 8;
 
 // C[m0 : m0+R, n0 : n0+P·NR] (+)= ap (R rows of kp pairs, rows ldp words apart) · P slivers of
 // B (kp pairs × NR columns each, the q-th at bp + q * b_step), stored by store_tile, columns
@@ -80,7 +87,7 @@ void gemm_pairs(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const 
   const uint16_t* bdata = b.half.data();
   const int64_t panel_size = Kp * 2 * NR;  // elements of one panel
   const int nt = num_threads();
-  const Tasks tk = tasks_of(M, N, nt);
+  const Tasks tk = tasks_of(M, N, nt, MRP);
 #pragma omp parallel for schedule(dynamic) num_threads(nt) if (nt > 1 && tk.count > 1 && 2.0 * M * N * K > kParallelFlops)
   for (int64_t t = 0; t < tk.count; ++t) {
     const int64_t m0 = (t / tk.runs) * tk.mc, rows = std::min(tk.mc, M - m0);
@@ -88,11 +95,11 @@ void gemm_pairs(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const 
     const int64_t p0 = (t % tk.runs) * tk.run_len, p1 = std::min(tk.panels, p0 + tk.run_len);
     float* crow[MC];
     for (int64_t i = 0; i < rows; ++i) crow[i] = c.row(m0 + i);
-    uint32_t* ap = reinterpret_cast<uint32_t*>(thread_scratch(0, std::max(MC * KG, MR * Kp)));
+    uint32_t* ap = reinterpret_cast<uint32_t*>(thread_scratch(0, std::max(MC * KG, MRP * Kp)));
     const AT* am = a + m0 * a_rs;
-    if (rows <= MR) {  // a decode step: every pair of k at once, P panels side by side
+    if (rows <= MRP) {  // a decode step: every pair of k at once, P panels side by side
       pack_a_pairs(ap, am, a_rs, a_cs, rows, 0, Kp, K);
-      with_rows<MR>(rows, [&](auto r) {
+      with_rows<MRP>(rows, [&](auto r) {
         constexpr int R = decltype(r)::value;
         walk_panels<stream_panels(R)>(p0, p1, [&](auto np, int64_t p) {
           micro_kernel<R, decltype(np)::value>(Kp, ap, Kp, bdata + p * panel_size, panel_size,
@@ -110,8 +117,8 @@ void gemm_pairs(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const 
           const Activation step_act = kk0 + kp == Kp ? act : Activation::none;
           const uint16_t* bp = bdata + p * panel_size + kk0 * 2 * NR;
           const int64_t ldp = g1 - g0;
-          for (int64_t i0 = 0; i0 < rows; i0 += MR)
-            with_rows<MR>(std::min<int64_t>(MR, rows - i0), [&](auto r) {
+          for (int64_t i0 = 0; i0 < rows; i0 += MRP)
+            with_rows<MRP>(std::min<int64_t>(MRP, rows - i0), [&](auto r) {
               micro_kernel<decltype(r)::value, 1>(kp, ap + i0 * ldp + (kk0 - g0), ldp, bp, 0, c,
                                                   crow + i0, p * NR, N, bias, kk0 == 0,
                                                   step_act);

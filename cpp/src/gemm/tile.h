@@ -28,7 +28,7 @@ constexpr int NR = NV * W;
 // the row blocks below, this was 1.00-1.11x as fast on the nine shapes of issue 3 (4096 × 768
 // → 768: 1.07x, 1024³: 1.05x).
 constexpr int64_t KC = 256;
-constexpr int64_t MC = 144;  // a multiple of every target's MR
+constexpr int64_t MC = 144;  // a multiple of every target's MR, and of bf16_dot.cpp's 8
 constexpr int64_t KG = 4 * KC;
 // Below this many flops a product runs on one thread through gemm_simple: starting the OpenMP
 // team and packing cost more than the work.
@@ -55,14 +55,15 @@ void with_type(const void* a, DType dt, F&& f) {
 // least four tasks per thread and their count divides evenly among the threads. With enough
 // row blocks, their count is rounded up to a multiple of the threads instead, so that a task
 // takes every panel and packs its A block once (M = 4096: 30 blocks of up to 138 rows, not 29
-// blocks in two runs each). Task t covers row block t / runs and run t % runs.
+// blocks in two runs each). Task t covers row block t / runs and run t % runs. mr: the rows of
+// the caller's register tile, which mc is a multiple of.
 struct Tasks {
   int64_t mc, panels, runs, run_len, count;
 };
-inline Tasks tasks_of(int64_t M, int64_t N, int nt) {
+inline Tasks tasks_of(int64_t M, int64_t N, int nt, int64_t mr = MR) {
   int64_t row_blocks = (M + MC - 1) / MC;
   if (row_blocks >= 4 * nt) row_blocks = (row_blocks + nt - 1) / nt * nt;
-  const int64_t mc = round_up((M + row_blocks - 1) / row_blocks, MR);
+  const int64_t mc = round_up((M + row_blocks - 1) / row_blocks, mr);
   const int64_t panels = (N + NR - 1) / NR;
   int64_t runs = std::min(panels, std::max<int64_t>(1, (4 * nt + row_blocks - 1) / row_blocks));
   while (runs < panels && (row_blocks * runs) % nt != 0) ++runs;
