@@ -30,11 +30,10 @@ namespace {
 // in gemm.cpp.
 constexpr int64_t KCP = 128;
 // Register tile MRP × NR: 8 × 2 accumulators, two B vectors and the broadcast, 19 of the 32
-// registers. Zen 5 issues two vdpbf16ps a cycle at a latency of 6 (as the fp32 FMA's
-// 4, times the two pipes, gemm.cpp's 6 × 2 tile covers), so it needs at least 12 in flight: in
-// an in-cache test of the micro-kernel alone (one thread, 128 pairs a step) 6 rows ran at
-// 400 GFLOP/s and 8, 10, 12 rows at 443-453, the peak of fma_peak.c (449). Zen 4 issues one a
-// cycle, for which 6 in flight would do and 16 cost nothing more than registers.
+// registers. Zen 5 issues two vdpbf16ps a cycle, and 12 chains did not keep both pipes busy: in
+// an in-cache test of the micro-kernel alone (one thread, 128 pairs a step, Zen 5) 6 rows ran at
+// 400 GFLOP/s and 8, 10 and 12 rows at 443-453, fma_peak.c's peak (449). Zen 4 issues one a
+// cycle, where fewer chains would do and 16 cost only registers.
 constexpr int MRP = 8;
 
 // C[m0 : m0+R, n0 : n0+P·NR] (+)= ap (R rows of kp pairs, rows ldp words apart) · P slivers of
