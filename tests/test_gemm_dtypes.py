@@ -124,3 +124,31 @@ def test_results_round_to_half_as_numpy_does(isa, dtype):
         real = ~np.isnan(x)
         np.testing.assert_array_equal(got.view(np.uint16)[real], want.view(np.uint16)[real])
         assert np.isnan(got[~real].astype(np.float32)).all()
+
+
+_AFTER_ONEDNN = """
+import numpy as np, torch, mhattn, ml_dtypes
+from mhattn import _core
+_core.set_target("amx")
+mhattn.set_num_threads(2)
+torch.set_num_threads(2)
+x = np.ones((64, 256), ml_dtypes.bfloat16)
+for _ in range(3):
+    mhattn.linear(x, x[:128])
+    t = torch.ones(256, 256, dtype=torch.bfloat16)
+    t @ t  # oneDNN's AMX kernel, which releases the tiles when it is done
+print(float(mhattn.linear(x, x[:128]).astype(np.float32)[5, 7]))
+"""
+
+
+@pytest.mark.skipif("amx" not in _core.targets(), reason="the CPU has no AMX")
+def test_amx_runs_after_another_library_released_the_tiles():
+    # Regression: the tiles were configured once per thread and never again, so a torch bf16
+    # matmul between two calls (oneDNN releases the tiles) made the next one an illegal
+    # instruction. In a process of its own, as that kills the process.
+    pytest.importorskip("torch")
+    import subprocess
+    import sys
+    run = subprocess.run([sys.executable, "-c", _AFTER_ONEDNN], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split()[-1] == "256.0"

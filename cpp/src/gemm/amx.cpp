@@ -17,9 +17,13 @@
 // to KG pairs of A packed at once → panel → steps of KCP pairs → blocks of 32 rows.
 //
 // The tile configuration (palette 1, every tile 16 rows × 64 bytes) is the same for every
-// shape, since partial blocks are padded: it is loaded once per thread, when the thread first
-// needs it, and kept (tile_config_once). The OS must grant the tile state first (dispatch.cpp
-// asks once, at import, and the target is not runnable without it).
+// shape, since partial blocks are padded. Each task loads it when it starts and releases the
+// tiles when it ends (TileScope): a flag kept per thread would go stale, because another
+// library on the same thread (oneDNN under torch) releases the tiles after its own kernels, and
+// a tile instruction without a configuration is an illegal instruction. A load and a release
+// cost well under a microsecond against a task's tens; released tiles also spare the OS their
+// 8 KB on every context switch. The OS must grant the tile state first (dispatch.cpp asks once,
+// at import, and the target is not runnable without it).
 //
 // The emulation (target amx_emulated, test only) runs the same loop nest and the same tile
 // operations written out in plain C++, so the packing, padding and blocking are tested on any
@@ -28,6 +32,7 @@
 
 #if defined(MHATTN_AMX)
 
+#include <cstdlib>
 #include <cstring>
 
 #if !defined(MHATTN_AMX_EMULATED)
@@ -60,13 +65,11 @@ TileConfig every_tile_16_by_64() {
 
 #if !defined(MHATTN_AMX_EMULATED)
 
-void tile_config_once() {
-  static thread_local bool done = false;
-  if (done) return;
+void tile_config() {
   const TileConfig c = every_tile_16_by_64();
   _tile_loadconfig(&c);
-  done = true;
 }
+void tile_release() { _tile_release(); }
 // The tile instructions name their tiles in the instruction itself: GCC's intrinsics are
 // macros that paste the number in, so the tiles are named by macros too, here and below.
 #define TILE_ZERO(t) _tile_zero(t)
@@ -82,13 +85,23 @@ struct Tiles {
 };
 thread_local Tiles g_tiles;
 
-void tile_config_once() { g_tiles.cfg = every_tile_16_by_64(); }
-void tile_zero(int t) { std::memset(g_tiles.t[t], 0, sizeof g_tiles.t[t]); }
+// As on the hardware, an instruction with the tiles released (palette 0) is an error.
+void tile_config() { g_tiles.cfg = every_tile_16_by_64(); }
+void tile_release() { std::memset(&g_tiles, 0, sizeof g_tiles); }
+void check_configured() {
+  if (g_tiles.cfg.palette_id != 1) std::abort();
+}
+void tile_zero(int t) {
+  check_configured();
+  std::memset(g_tiles.t[t], 0, sizeof g_tiles.t[t]);
+}
 void tile_load(int t, const void* p, int64_t stride) {
+  check_configured();
   for (int r = 0; r < g_tiles.cfg.rows[t]; ++r)
     std::memcpy(g_tiles.t[t][r], static_cast<const char*>(p) + r * stride, g_tiles.cfg.colsb[t]);
 }
 void tile_store(int t, void* p, int64_t stride) {
+  check_configured();
   for (int r = 0; r < g_tiles.cfg.rows[t]; ++r)
     std::memcpy(static_cast<char*>(p) + r * stride, g_tiles.t[t][r], g_tiles.cfg.colsb[t]);
 }
@@ -99,6 +112,7 @@ inline float bf16_at(const unsigned char* row, int i) {
 }
 // C[m][n] += A[m].bf16[2k] · B[k].bf16[2n] + A[m].bf16[2k+1] · B[k].bf16[2n+1], over k.
 void tile_dp(int tc, int ta, int tb) {
+  check_configured();
   const int rows = g_tiles.cfg.rows[ta], pairs = g_tiles.cfg.colsb[ta] / 4,
             cols = g_tiles.cfg.colsb[tc] / 4;
   for (int m = 0; m < rows; ++m)
@@ -117,6 +131,13 @@ void tile_dp(int tc, int ta, int tb) {
 #define TILE_DP(c, a, b) tile_dp(c, a, b)
 
 #endif
+
+struct TileScope {  // the tiles configured for one task, and released after it
+  TileScope() { tile_config(); }
+  ~TileScope() { tile_release(); }
+  TileScope(const TileScope&) = delete;
+  TileScope& operator=(const TileScope&) = delete;
+};
 
 // cbuf (32 × 32 float32, rows of 128 bytes) = A (32 rows of kp pairs, rows lda words apart)
 // · B (kp pairs of a 32-column panel, rows of 2·NR bf16); kp a multiple of 16.
@@ -153,7 +174,7 @@ void gemm_tiles(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const 
   for (int64_t t = 0; t < tk.count; ++t) {
     const int64_t m0 = (t / tk.runs) * tk.mc, rows = std::min(tk.mc, M - m0);
     if (rows <= 0) continue;
-    tile_config_once();
+    const TileScope tiles;
     const int64_t p0 = (t % tk.runs) * tk.run_len, p1 = std::min(tk.panels, p0 + tk.run_len);
     const int64_t rows_p = round_up(rows, BM);
     float* crow[MC];
