@@ -22,8 +22,10 @@ def mat(rng, *shape, scale=1.0, dtype=np.float32):
 # few rows (1-7, several panels side by side); K past one step and one group of k (2500: two
 # groups of pairs, the last partial); M past a row block.
 # 8 and 9 rows: the vdpbf16ps kernel's whole 8-row tile, and one row past it.
+# 40 × 300 × 2100: two groups of k over runs of several panels, so that the AMX kernel keeps a
+# strip of C per panel across the groups.
 SHAPES = [(1, 1, 1), (5, 17, 33), (7, 70, 129), (1, 1000, 300), (6, 257, 300), (8, 40, 64),
-          (9, 48, 130), (17, 255, 255), (300, 200, 701), (150, 33, 2500)]
+          (9, 48, 130), (17, 255, 255), (300, 200, 701), (150, 33, 2500), (40, 300, 2100)]
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=["bf16", "f16"])
@@ -39,6 +41,22 @@ def test_linear_with_half_weights(isa, threads, rng, dtype, x_half, M, N, K):
     for got in (mhattn.linear(x, w, b, activation="gelu"), mhattn.Linear(w, b, activation="gelu")(x)):
         assert got.dtype == x.dtype
         np.testing.assert_allclose(got.astype(np.float64), want, **tol("gemm", dtype))
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "f16"])
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_half_results_are_the_float32_ones_rounded(isa, rng, dtype, M, N, K):
+    # A 16-bit x gives a 16-bit result, which the AMX kernel rounds as it stores each block
+    # (bias and activation first) and the others round from a float32 buffer; either way it is
+    # the float32 result of the same product (x already in the weight's dtype) rounded, bit for
+    # bit, column edges and all.
+    w, b = mat(rng, N, K, dtype=dtype), mat(rng, N)
+    x = mat(rng, M, K, scale=K ** -0.5, dtype=dtype)
+    lin = mhattn.Linear(w, b, activation="gelu")
+    for product in (lin, lambda x: mhattn.linear(x, w, b, activation="gelu")):
+        got, wide = product(x), product(x.astype(np.float32))
+        assert got.dtype == dtype and wide.dtype == np.float32
+        np.testing.assert_array_equal(got.view(np.uint16), _checks.cast(wide, dtype).view(np.uint16))
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=["bf16", "f16"])

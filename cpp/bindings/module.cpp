@@ -46,6 +46,13 @@ const void* in_typed(const py::array& a, const char* name, int ndim, int dt) {
   require(a.ndim() == ndim, std::string(name) + " must have " + std::to_string(ndim) + " dims");
   return a.data();
 }
+// An output of dtype code dt: float32, or 16-bit values (which the C++ side reaches through a
+// float* that mhattn::OutMap reinterprets by its dtype).
+float* out_typed(py::array& a, const char* name, int ndim, int dt) {
+  if (dt == 0) return out_f32(a, name, ndim);
+  in_typed(a, name, ndim, dt);
+  return static_cast<float*>(a.mutable_data());  // raises if not writeable
+}
 const float* opt_f32(const py::object& o, const char* name) {
   return o.is_none() ? nullptr : in_f32(o.cast<py::array>(), name, 1);
 }
@@ -153,8 +160,8 @@ PYBIND11_MODULE(_core, m) {
   // activation: 0 none, 1 relu, 2 gelu, 3 gelu_tanh, 4 silu (mhattn::Activation).
   // a_dtype: a's dtype code (in_typed).
   m.def("gemm", [](py::array out, const py::array& a, const PackedB& b, const py::object& bias,
-                   int activation, int a_dtype) {
-    float* c = out_f32(out, "out", 2);
+                   int activation, int a_dtype, int out_dtype) {
+    float* c = out_typed(out, "out", 2, out_dtype);
     const void* x = in_typed(a, "a", 2, a_dtype);
     const float* bs = opt_f32(bias, "bias");
     require(a.shape(1) == b.K && out.shape(0) == a.shape(0) && out.shape(1) == b.N &&
@@ -164,17 +171,20 @@ PYBIND11_MODULE(_core, m) {
             "gemm activation");
     check_packed(b);
     const int64_t M = a.shape(0), a_rs = st(a, 0), a_cs = st(a, 1);
-    const OutMap map = OutMap::row_major(c, M, b.N, st(out, 0));
+    const OutMap map =
+        OutMap::row_major(c, M, b.N, st(out, 0), static_cast<mhattn::DType>(out_dtype));
     const auto act = static_cast<mhattn::Activation>(activation);
     py::gil_scoped_release release;
-    mhattn::kernels().gemm(map, x, static_cast<mhattn::DType>(a_dtype), a_rs, a_cs, b, bs, act, M);
-  }, "out"_a, "a"_a, "b"_a, "bias"_a = py::none(), "activation"_a = 0, "a_dtype"_a = 0);
+    mhattn::gemm_packed(map, x, static_cast<mhattn::DType>(a_dtype), a_rs, a_cs, b, bs, act, M);
+  }, "out"_a, "a"_a, "b"_a, "bias"_a = py::none(), "activation"_a = 0, "a_dtype"_a = 0,
+     "out_dtype"_a = 0);
 
   // out (M, N) = act(a (M, K) · b (K, N) + bias) with b as it lies, any strides, of dtype code
   // b_dtype: the one-shot product, which never packs the whole of b (mhattn::gemm_unpacked).
   m.def("gemm_raw", [](py::array out, const py::array& a, const py::array& b,
-                       const py::object& bias, int activation, int a_dtype, int b_dtype) {
-    float* c = out_f32(out, "out", 2);
+                       const py::object& bias, int activation, int a_dtype, int b_dtype,
+                       int out_dtype) {
+    float* c = out_typed(out, "out", 2, out_dtype);
     const void* x = in_typed(a, "a", 2, a_dtype);
     const void* y = in_typed(b, "b", 2, b_dtype);
     const float* bs = opt_f32(bias, "bias");
@@ -185,14 +195,15 @@ PYBIND11_MODULE(_core, m) {
     require(activation >= 0 && activation <= static_cast<int>(mhattn::Activation::silu),
             "gemm activation");
     require(a_dtype == b_dtype, "gemm_raw wants a and b of one dtype");
-    const OutMap map = OutMap::row_major(c, M, N, st(out, 0));
+    const OutMap map =
+        OutMap::row_major(c, M, N, st(out, 0), static_cast<mhattn::DType>(out_dtype));
     const int64_t a_rs = st(a, 0), a_cs = st(a, 1), b_ks = st(b, 0), b_ns = st(b, 1);
     py::gil_scoped_release release;
     mhattn::gemm_unpacked(map, x, static_cast<mhattn::DType>(a_dtype), a_rs, a_cs, y,
                           static_cast<mhattn::DType>(b_dtype), b_ks, b_ns, K, N, bs,
                           static_cast<mhattn::Activation>(activation), M);
   }, "out"_a, "a"_a, "b"_a, "bias"_a = py::none(), "activation"_a = 0, "a_dtype"_a = 0,
-     "b_dtype"_a = 0);
+     "b_dtype"_a = 0, "out_dtype"_a = 0);
 
   // out (T, M, N) contiguous = a (T, M, K) · b (T, K, N), any strides (0 where broadcast), of
   // dtype codes a_dtype and b_dtype (in_typed). Each product as gemm_raw's.
@@ -440,8 +451,8 @@ PYBIND11_MODULE(_core, m) {
     py::gil_scoped_release release;
     return mhattn::kernels().peak_flops(iters, bf16);
   }, "iters"_a, "bf16"_a = false,
-     "Flops of iters rounds of 16 FMA chains a thread (vdpbf16ps with bf16 where the target has "
-     "it): the benchmark times it for the arithmetic peak.");
+     "Flops of iters rounds of 16 FMA chains a thread (with bf16: four tdpbf16ps where the target "
+     "has AMX, else vdpbf16ps where it has them): the benchmark times it for the arithmetic peak.");
 
   m.def("_vexp", [](const py::array& x, bool softmax) {
     const float* in = in_f32(x, "x", 1);

@@ -86,23 +86,26 @@ void to_float(float* dst, const uint16_t* src, int64_t n, DType dt) {
   }
 }
 
-// dst[i] = src[i] rounded to dt (bf16 or f16), i < n.
+// dst[i] = src[i] rounded to dt (bf16 or f16), i < n, on the calling thread.
+void round_to_half(uint16_t* dst, const float* src, int64_t n, DType dt) {
+  const bool bf = dt == DType::bf16;
+  int64_t i = 0;
+#if defined(MHATTN_SIMD_AVX512) || defined(MHATTN_SIMD_AVX2)
+  for (; i + W <= n; i += W) {
+    if (bf) store_bf16(dst + i, vload(src + i));
+    else store_f16(dst + i, vload(src + i));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = bf ? bf16_bits(src[i]) : f16_bits(src[i]);
+}
+
+// The same, spread over the threads.
 void to_half(uint16_t* dst, const float* src, int64_t n, DType dt) {
   const int nt = num_threads();
-  const int64_t chunk = 1 << 14;  // values per task, a multiple of every W
-  const bool bf = dt == DType::bf16;
+  const int64_t chunk = 1 << 14;  // values per task
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && n > (1 << 17))
-  for (int64_t c0 = 0; c0 < n; c0 += chunk) {
-    const int64_t c1 = std::min(n, c0 + chunk);
-    int64_t i = c0;
-#if defined(MHATTN_SIMD_AVX512) || defined(MHATTN_SIMD_AVX2)
-    for (; i + W <= c1; i += W) {
-      if (bf) store_bf16(dst + i, vload(src + i));
-      else store_f16(dst + i, vload(src + i));
-    }
-#endif
-    for (; i < c1; ++i) dst[i] = bf ? bf16_bits(src[i]) : f16_bits(src[i]);
-  }
+  for (int64_t c0 = 0; c0 < n; c0 += chunk)
+    round_to_half(dst + c0, src + c0, std::min(n, c0 + chunk) - c0, dt);
 }
 
 }  // namespace MHATTN_TARGET

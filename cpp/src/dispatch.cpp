@@ -3,8 +3,10 @@
 // A target is runnable when the CPU has its instructions (CPUID) and the operating system
 // saves the registers they use across context switches (XGETBV). MHATTN_ISA=<name> overrides
 // the choice; a target the CPU cannot run is refused with an error, never run.
+#include <algorithm>
 #include <atomic>
 #include <stdexcept>
+#include <vector>
 
 #include "mhattn/ops.h"
 
@@ -146,6 +148,31 @@ PackedB pack_b(const void* b, DType dt, int64_t b_ks, int64_t b_ns, int64_t K, i
   return p;
 }
 
+namespace {
+// product(C') with C' (M, N) float32, then C = C' rounded to c's 16-bit dtype.
+template <class F>
+void via_f32(const OutMap& c, int64_t M, int64_t N, F&& product) {
+  std::vector<float> f(static_cast<size_t>(M * N));
+  product(OutMap::row_major(f.data(), M, N, N));
+  const Kernels& k = kernels();
+  if (c.rows_per_group >= M && c.cols_per_group >= N && c.row_stride == N)
+    return k.to_half(c.row_half(0), f.data(), M * N, c.dtype);  // one contiguous run
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0, len; j < N; j += len) {
+      len = std::min(N - j, c.cols_per_group - j % c.cols_per_group);
+      k.to_half(c.row_half(m) + c.col(j), f.data() + m * N + j, len, c.dtype);
+    }
+}
+}  // namespace
+
+void gemm_packed(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t a_cs,
+                 const PackedB& b, const float* bias, Activation act, int64_t M) {
+  const Kernels& k = kernels();
+  if (c.dtype == DType::f32 || k.gemm_writes_half(b, M))
+    return k.gemm(c, a, a_dt, a_rs, a_cs, b, bias, act, M);
+  via_f32(c, M, b.N, [&](const OutMap& f) { k.gemm(f, a, a_dt, a_rs, a_cs, b, bias, act, M); });
+}
+
 void gemm_unpacked(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t a_cs,
                    const void* b, DType b_dt, int64_t b_ks, int64_t b_ns, int64_t K, int64_t N,
                    const float* bias, Activation act, int64_t M) {
@@ -154,9 +181,13 @@ void gemm_unpacked(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int
   constexpr int64_t kPackRows = 16;
   if (k.b_layout(b_dt) == Layout::pairs && M >= kPackRows) {
     const PackedB p = pack_b(b, b_dt, b_ks, b_ns, K, N);
-    return k.gemm(c, a, a_dt, a_rs, a_cs, p, bias, act, M);
+    return gemm_packed(c, a, a_dt, a_rs, a_cs, p, bias, act, M);
   }
-  k.gemm_raw(c, a, a_dt, a_rs, a_cs, b, b_dt, b_ks, b_ns, K, N, bias, act, M);
+  auto raw = [&](const OutMap& f) {
+    k.gemm_raw(f, a, a_dt, a_rs, a_cs, b, b_dt, b_ks, b_ns, K, N, bias, act, M);
+  };
+  if (c.dtype == DType::f32) return raw(c);
+  via_f32(c, M, N, raw);
 }
 
 std::vector<std::string> supported_targets() {

@@ -17,6 +17,7 @@ void pack_b(void* dst, const void* b, DType dt, int64_t b_ks, int64_t b_ns, int6
             int64_t N);
 void gemm(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t a_cs,
           const PackedB& b, const float* bias, Activation act, int64_t M);
+bool gemm_writes_half(const PackedB& b, int64_t M);
 void gemm_raw(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t a_cs,
               const void* b, DType b_dt, int64_t b_ks, int64_t b_ns, int64_t K, int64_t N,
               const float* bias, Activation act, int64_t M);
@@ -37,8 +38,9 @@ double peak_flops(int64_t iters, bool bf16);
 
 const Kernels* kernels() {
   static const Kernels table = {MHATTN_STR(MHATTN_TARGET), panel_width(), b_layout,
-                                packed_size, pack_b, gemm, gemm_raw, to_half, to_float, softmax, norm, attention,
-                                attention_reads, vexp_array, peak_flops};
+                                packed_size, pack_b, gemm, gemm_writes_half, gemm_raw, to_half,
+                                to_float, softmax, norm, attention, attention_reads, vexp_array,
+                                peak_flops};
   return &table;
 }
 

@@ -4,9 +4,10 @@
 // accumulator chains, each a vfma (float32: 2 flops a lane) or, with bf16 on a target with
 // AVX512-BF16, a vdpbf16ps (4 flops a float32 lane: two products, two sums). 16 chains keep more
 // instructions in flight than any CPU's FMA latency times its FMA ports (4 × 2 on Intel's
-// two-port cores), so the count, not a dependency, is the limit. Returns the flops done; the
-// caller times the call.
-#include "mhattn/simd.h"
+// two-port cores), so the count, not a dependency, is the limit. On a target with AMX tiles
+// (the bf16 GEMM's path there), bf16 counts tdpbf16ps instead (gemm/amx.cpp). Returns the
+// flops done; the caller times the call.
+#include "gemm/tile.h"
 
 namespace mhattn {
 namespace MHATTN_TARGET {
@@ -17,6 +18,9 @@ volatile double g_sink;  // where the chains' sum goes, so that the loops are no
 }  // namespace
 
 double peak_flops(int64_t iters, bool bf16) {
+#if defined(MHATTN_AMX) && !defined(MHATTN_AMX_EMULATED)
+  if (bf16) return amx_peak_flops(iters);
+#endif
   const int nt = num_threads();
   double sink = 0.0;
 #if defined(__AVX512BF16__)

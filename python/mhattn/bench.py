@@ -997,9 +997,9 @@ _PEAK_ITERS = {}
 
 
 def peak_gflops(bf16=False, seconds=0.01):
-    """GFLOP/s of the active target's FMAs (vdpbf16ps with bf16, where it has them) on mhattn's
-    threads, 16 independent chains each: what the machine computes now, as read_gbps is what
-    it reads."""
+    """GFLOP/s of the active target's FMAs on mhattn's threads, 16 independent chains each
+    (with bf16: the AMX tiles' tdpbf16ps where the target has them, else vdpbf16ps where it has
+    that): what the machine computes now, as read_gbps is what it reads."""
     if bf16 not in _PEAK_ITERS:
         t0 = time.perf_counter()
         _core._peak_flops(20_000, bf16)

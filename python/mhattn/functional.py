@@ -91,31 +91,32 @@ def linear(x, weight, bias=None, activation=None):
     w, b = _checks.check_linear_weight(weight, bias)
     code = _checks.activation_code(activation)
     wa, wcode = _checks.native(w.T)
-    return _rows_through(x, w.shape, w.dtype, lambda out, xa, xcode:
-                         _core.gemm_raw(out, xa, wa, b, code, xcode, wcode))
+    return _rows_through(x, w.shape, w.dtype, lambda out, xa, xcode, ocode:
+                         _core.gemm_raw(out, xa, wa, b, code, xcode, wcode, ocode))
 
 
 def apply_linear(x, weight_shape, packed, bias, activation_code=0, compute=_checks._F32):
     """act(x (..., K) @ W.T + bias), W (N, K) = weight_shape packed as `packed` (checked
     weights, activation as _checks.activation_code gives it), x converted to `compute` (the
     weight's dtype) when it has another."""
-    return _rows_through(x, weight_shape, compute, lambda out, xa, xcode:
-                         _core.gemm(out, xa, packed, bias, activation_code, xcode))
+    return _rows_through(x, weight_shape, compute, lambda out, xa, xcode, ocode:
+                         _core.gemm(out, xa, packed, bias, activation_code, xcode, ocode))
 
 
 def _rows_through(x, weight_shape, compute, product):
-    """x (..., K) as rows of `compute`'s dtype, through product(out (rows, N) float32, rows,
-    their dtype code), back in x's shape and dtype."""
+    """x (..., K) as rows of `compute`'s dtype, through product(out (rows, N), rows, their
+    dtype code, out's dtype code), back in x's shape. out has x's dtype (float32, bfloat16 or
+    float16; the kernels round into a 16-bit out themselves)."""
     dtype = _checks.result_dtype(_checks.as_array(x).dtype)
     a = _checks.as_dtype(x, compute, "x")
     N, K = weight_shape
     if a.ndim < 1 or a.shape[-1] != K:
         raise ValueError(f"linear wants x (..., K) with K = {K} (weight ({N}, {K})); got x {a.shape}")
     x2 = _checks.rows_2d(a, K)
-    out = np.empty((x2.shape[0], N), dtype=np.float32)
+    out = np.empty((x2.shape[0], N), dtype=dtype)
     xa, xcode = _checks.native(x2)
-    product(out, xa, xcode)
-    return _checks.cast(out, dtype).reshape(a.shape[:-1] + (N,))
+    product(out, xa, xcode, _checks._CODES[dtype])
+    return out.reshape(a.shape[:-1] + (N,))
 
 
 @accepts_tensors

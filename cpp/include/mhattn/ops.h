@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -16,34 +17,39 @@ namespace mhattn {
 // ---------------------------------------------------------------------------------------------
 // GEMM: C = A · B + bias, with B packed once into panels (pack_b) and C written through OutMap.
 
+// The element types of arrays: float32, and the two 16-bit formats, held as their bits
+// (bfloat16: the top half of a float32; float16: IEEE binary16). simd.h converts them.
+enum class DType : int { f32 = 0, bf16 = 1, f16 = 2 };
+struct bf16_t { uint16_t bits; };
+struct f16_t { uint16_t bits; };
+
 // Where C(m, n) lives. Rows come in groups of `rows_per_group`, columns in groups of
 // `cols_per_group` (columns inside a group are contiguous):
 //   C(m, n) = data + (m / rows_per_group) * row_group_stride + (m % rows_per_group) * row_stride
 //                  + (n / cols_per_group) * col_group_stride + (n % cols_per_group)
 // A plain row-major matrix is one group each way. The in-projection uses the groups to write
 // Q, K and V straight into the (B, H, L, E) layout: rows (b, l), columns (h, e).
+// C is float32, or, with dtype bf16 or f16, 16-bit values at the same offsets (in elements)
+// from data: a GEMM writes those only where Kernels::gemm_writes_half says it does.
 struct OutMap {
   float* data;
   int64_t rows_per_group, row_group_stride, row_stride;
   int64_t cols_per_group, col_group_stride;
-  float* row(int64_t m) const {
-    return data + (m / rows_per_group) * row_group_stride + (m % rows_per_group) * row_stride;
+  DType dtype = DType::f32;
+  int64_t row_offset(int64_t m) const {
+    return (m / rows_per_group) * row_group_stride + (m % rows_per_group) * row_stride;
   }
+  float* row(int64_t m) const { return data + row_offset(m); }
+  uint16_t* row_half(int64_t m) const { return reinterpret_cast<uint16_t*>(data) + row_offset(m); }
   int64_t col(int64_t n) const { return (n / cols_per_group) * col_group_stride + n % cols_per_group; }
   float* at(int64_t m, int64_t n) const { return row(m) + col(n); }
-  static OutMap row_major(float* c, int64_t M, int64_t N, int64_t ldc) {
-    return OutMap{c, M > 0 ? M : 1, 0, ldc, N > 0 ? N : 1, 0};
+  static OutMap row_major(float* c, int64_t M, int64_t N, int64_t ldc, DType dt = DType::f32) {
+    return OutMap{c, M > 0 ? M : 1, 0, ldc, N > 0 ? N : 1, 0, dt};
   }
 };
 
 // What the GEMM applies to each element of C as it stores it (activation.h has the formulas).
 enum class Activation : int { none = 0, relu = 1, gelu = 2, gelu_tanh = 3, silu = 4 };
-
-// The element types of arrays: float32, and the two 16-bit formats, held as their bits
-// (bfloat16: the top half of a float32; float16: IEEE binary16). simd.h converts them.
-enum class DType : int { f32 = 0, bf16 = 1, f16 = 2 };
-struct bf16_t { uint16_t bits; };
-struct f16_t { uint16_t bits; };
 
 // How pack_b lays out B (K, N), in B's own dtype (float32 in `data`, 16-bit in `half`):
 //   panels: panels of NR columns, panel p holding b(k, p*NR + j) at p * K * NR + k * NR + j,
@@ -52,9 +58,30 @@ struct f16_t { uint16_t bits; };
 //           pairs of k, b(k, p*NR + j) at p * Kp * NR + (k / 2) * 2 * NR + 2 * j + k % 2,
 //           Kp = K rounded up to even, zero past K and N.
 enum class Layout : int { panels = 0, pairs = 1 };
+
+// The allocator of packed weights: storage on a 64-byte boundary, so that no row of a panel
+// (a 64-byte vector or tile row) straddles two cache lines. std::allocator's large blocks sit
+// 16 bytes past a page: every tile row then touched two lines, and an AMX block loop over
+// 128 x 2304 x 768 ran at 430-530 GFLOP/s against 860-890 aligned (Intel Xeon with AMX, one
+// thread, a micro-benchmark).
+template <class T>
+struct LineAligned {
+  using value_type = T;
+  static constexpr std::align_val_t kAlign{64};
+  LineAligned() = default;
+  template <class U>
+  LineAligned(const LineAligned<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), kAlign)); }
+  void deallocate(T* p, size_t) { ::operator delete(p, kAlign); }
+  template <class U>
+  bool operator==(const LineAligned<U>&) const { return true; }
+  template <class U>
+  bool operator!=(const LineAligned<U>&) const { return false; }
+};
+
 struct PackedB {
-  std::vector<float> data;
-  std::vector<uint16_t> half;
+  std::vector<float, LineAligned<float>> data;
+  std::vector<uint16_t, LineAligned<uint16_t>> half;
   int64_t K = 0, N = 0;
   int nr = 0;
   DType dtype = DType::f32;
@@ -122,6 +149,9 @@ struct Kernels {
   // a[m * a_rs + k * a_cs], of dtype a_dt. Accumulation is float32 whatever the dtypes.
   void (*gemm)(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t a_cs,
                const PackedB& b, const float* bias, Activation act, int64_t M);
+  // Whether gemm writes a 16-bit C itself (OutMap::dtype bf16 or f16) for this B and M: where
+  // it stores each element once, after the whole of K (the AMX tiles). Elsewhere C is float32.
+  bool (*gemm_writes_half)(const PackedB& b, int64_t M);
   // The same product on a B (K, N) that nobody packed, b(k, n) = b[k * b_ks + n * b_ns], of
   // A's dtype (b_dt must equal a_dt): never a copy of the whole of B, but slivers of it as they
   // are used (products of at most a few rows read it in place), in float32 arithmetic.
@@ -145,8 +175,9 @@ struct Kernels {
   // out[i] = exp(x[i]) with the kernels' vector exp, or the softmax's (vexp_softmax, for
   // x <= 0) when `softmax`; for testing their accuracy.
   void (*vexp)(float* out, const float* x, int64_t n, bool softmax);
-  // iters rounds of 16 independent FMA chains on each of num_threads() threads (vdpbf16ps for
-  // bf16 where the target has it); returns the flops done, for the benchmark to time.
+  // iters rounds of 16 independent FMA chains on each of num_threads() threads (for bf16: four
+  // tdpbf16ps where the target has AMX, else vdpbf16ps where it has them); returns the flops
+  // done, for the benchmark to time.
   double (*peak_flops)(int64_t iters, bool bf16);
 };
 
@@ -177,10 +208,14 @@ void set_target(const std::string& name);       // throws std::invalid_argument 
 // Allocation lives here rather than in the kernels so that no standard-library code is built
 // with ISA flags.
 PackedB pack_b(const void* b, DType dt, int64_t b_ks, int64_t b_ns, int64_t K, int64_t N);
+// Kernels::gemm for a C of any dtype: a 16-bit C goes through a float32 buffer, rounded after,
+// where the kernels do not write it themselves (gemm_writes_half).
+void gemm_packed(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t a_cs,
+                 const PackedB& b, const float* bias, Activation act, int64_t M);
 // C (M, N) = act(A · B + bias) on a B nobody packed (mhattn.linear and matmul): Kernels::gemm_raw,
 // except bfloat16 products of many rows where the kernels have a bfloat16 layout (vdpbf16ps,
 // AMX): B packed whole for them first, which twice the products per instruction repay. A and B
-// must have one dtype (std::invalid_argument otherwise).
+// must have one dtype (std::invalid_argument otherwise). C of any dtype, as gemm_packed.
 void gemm_unpacked(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t a_cs,
                    const void* b, DType b_dt, int64_t b_ks, int64_t b_ns, int64_t K, int64_t N,
                    const float* bias, Activation act, int64_t M);

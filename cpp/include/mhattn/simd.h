@@ -352,7 +352,7 @@ inline void with_rows(int64_t r, F&& f) {
 }
 
 // x rounded up to a multiple of m.
-inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+constexpr int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 }  // namespace MHATTN_TARGET
 }  // namespace mhattn

@@ -491,11 +491,23 @@ void pack_b(void* dst, const void* b, DType dt, int64_t ks, int64_t ns, int64_t 
     pack_panels(static_cast<f16_t*>(dst), static_cast<const f16_t*>(b), ks, ns, K, N);
 }
 
+namespace {
+bool takes_amx(const PackedB& b, int64_t M) {
+#if defined(MHATTN_AMX)
+  return b.layout == Layout::pairs && M >= kAmxMinRows && b.K > 0;
+#else
+  (void)b, (void)M;
+  return false;
+#endif
+}
+}  // namespace
+
+bool gemm_writes_half(const PackedB& b, int64_t M) { return takes_amx(b, M); }
+
 void gemm(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t a_cs,
           const PackedB& b, const float* bias, Activation act, int64_t M) {
 #if defined(MHATTN_AMX)
-  if (b.layout == Layout::pairs && M >= kAmxMinRows && b.K > 0)
-    return amx_gemm(c, a, a_dt, a_rs, a_cs, b, bias, act, M);
+  if (takes_amx(b, M)) return amx_gemm(c, a, a_dt, a_rs, a_cs, b, bias, act, M);
 #endif
 #if defined(__AVX512BF16__)
   if (b.layout == Layout::pairs) return bf16_dot_gemm(c, a, a_dt, a_rs, a_cs, b, bias, act, M);

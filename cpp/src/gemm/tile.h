@@ -216,11 +216,16 @@ void bf16_dot_gemm(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int
                    const PackedB& b, const float* bias, Activation act, int64_t M);
 #endif
 #if defined(MHATTN_AMX)
+// convert.cpp: dst[i] = src[i] rounded to dt (bf16 or f16), i < n, on the calling thread.
+void round_to_half(uint16_t* dst, const float* src, int64_t n, DType dt);
 // Products of at least this many rows take the tiles; fewer (a decode step), vdpbf16ps, which
 // wastes no tile rows on them (a block of tiles is 32 rows).
 constexpr int64_t kAmxMinRows = 16;
 void amx_gemm(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t a_cs,
               const PackedB& b, const float* bias, Activation act, int64_t M);
+#if !defined(MHATTN_AMX_EMULATED)
+double amx_peak_flops(int64_t iters);
+#endif
 #endif
 
 }  // namespace MHATTN_TARGET
