@@ -6,12 +6,17 @@ against mhattn.reference before it is timed.
 """
 
 import argparse
+import sys
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mhattn import bench, reference
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from tolerances import TOL_HALF  # noqa: E402  (the suite's one table, for 16-bit results)
 
 ARGS = argparse.Namespace(heads=None, batch=1, length=512, width=768)
 # The layer at head dim 64 stops at 16 heads here (width 1024): its float64 reference at width
@@ -20,7 +25,7 @@ LAYER_ARGS = argparse.Namespace(heads=(1, 2, 4, 8, 12, 16), batch=1, length=512,
 # The gemm preset's one-shot calls only at the smaller shapes: at the big ones they repeat the
 # packed layer's product, and its float64 reference, three times over.
 CASES = [c for name in ("heads", "fixed-dim", "design", "causal", "gqa", "decode", "layer",
-                         "layer-heads", "cache", "gemm")
+                         "layer-bf16", "layer-heads", "cache", "gemm")
          for c in bench.preset(name, ARGS)
          if not (c.kind == "gemm" and c.part != "Linear" and c.M * c.N * c.K > 2 ** 28)]
 CASES += bench.preset("layer-fixed-dim", LAYER_ARGS)
@@ -65,7 +70,9 @@ def test_bench(benchmark, case, engine):
         pytest.skip(str(e))
     if "want" not in data:
         data["want"] = expected(case, inp)
-    np.testing.assert_allclose(fn(), data["want"], rtol=2e-3, atol=2e-3)
+    got = np.asarray(fn())
+    tol = dict(rtol=2e-3, atol=2e-3) if case.dtype == "float32" else TOL_HALF[got.dtype]
+    np.testing.assert_allclose(got.astype(np.float64), data["want"], **tol)
     benchmark.group = f"{case.group} | H={case.Hq}" if case.kind != "gemm" else case.group
     benchmark.extra_info.update(case=case.label, engine=engine, flops=case.flops)
     benchmark(fn)

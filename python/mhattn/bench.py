@@ -177,6 +177,11 @@ def preset(name, args):
     if name == "layer":
         return [Case("MultiHeadAttention layer", "layer", b, h, h, l, l, d // h, target="1.15x torch")
                 for b, l, d, h in ((1, 128, 768, 12), (8, 128, 768, 12), (1, 512, 768, 12), (1, 512, 1024, 16))]
+    if name == "layer-bf16":  # the layer's shapes with bfloat16 weights and inputs
+        t = "1.3x torch" if "amx" in _core.targets() else ""  # issue 17's target, on AMX
+        return [Case("MultiHeadAttention layer, bfloat16", "layer", b, h, h, l, l, d // h,
+                     dtype="bfloat16", target=t)
+                for b, l, d, h in ((1, 128, 768, 12), (8, 128, 768, 12), (1, 512, 768, 12), (1, 512, 1024, 16))]
     if name == "heads-masked":  # head_mask with every other head at 0, against the unmasked call
         return [Case("MultiHeadAttention layer, half the heads masked", "layer", b, h, h, l, l, d // h,
                      part="head_mask", target="0.6 unmasked")
@@ -286,10 +291,10 @@ def preset(name, args):
     raise ValueError(f"unknown preset {name!r}")
 
 
-PRESETS = ["heads", "fixed-dim", "design", "causal", "gqa", "decode", "layer", "heads-masked", "layer-heads",
-           "layer-fixed-dim", "cache", "pruned", "gemm", "gemm-bf16", "gemm-f16", "attention-bf16",
-           "attention-f16", "decode-bf16", "decode-f16", "tiny", "minilm", "dask", "gpt2", "llama",
-           "hf"]
+PRESETS = ["heads", "fixed-dim", "design", "causal", "gqa", "decode", "layer", "layer-bf16",
+           "heads-masked", "layer-heads", "layer-fixed-dim", "cache", "pruned", "gemm", "gemm-bf16",
+           "gemm-f16", "attention-bf16", "attention-f16", "decode-bf16", "decode-f16", "tiny",
+           "minilm", "dask", "gpt2", "llama", "hf"]
 DECODER_LAYERS = 4
 # The Llama-style model of the hf preset (random weights): the shape of the design's figures.
 HF_LLAMA = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
@@ -566,8 +571,9 @@ def make_inputs(case, rng):
         return dict(x=x, w=w)
     if case.kind == "layer":
         D = case.Hq * case.E
-        mod = mhattn.MultiHeadAttention(D, case.Hq, seed=0)
-        return dict(mod=mod, x=rng.standard_normal((case.B, case.L, D), dtype=np.float32))
+        mod = mhattn.MultiHeadAttention(D, case.Hq, seed=0, dtype=case.dtype)
+        x = rng.standard_normal((case.B, case.L, D), dtype=np.float32)
+        return dict(mod=mod, x=x.astype(_checks.compute_dtype(case.dtype)))
     if case.kind == "cache":
         D = case.Hq * case.E
         mod = mhattn.MultiHeadAttention(D, case.Hq, num_kv_heads=case.Hkv, seed=0)
@@ -679,6 +685,8 @@ def run_numpy(case, inp):
             raise Skip("NumPy has no bfloat16 matmul, and a scalar float16 one")
         x, b = inp["x"], inp["b"] if case.part == "matmul" else inp["w"].T
         return lambda: x @ b
+    if case.kind == "layer" and case.dtype != "float32":
+        raise Skip("NumPy has no bfloat16 matmul")
     if case.kind == "layer":
         sd = inp["mod"].state_dict()
         x, H, E = inp["x"], case.Hq, case.E
@@ -764,14 +772,18 @@ def run_torch(case, inp):
             return lambda: _torch.to_numpy(torch.matmul(x, b), "out")
         return lambda: _torch.to_numpy(F.linear(x, w), "out")
     if case.kind == "layer":
+        from mhattn import _torch
+
         mod = inp["mod"]
         tm = torch.nn.MultiheadAttention(mod.embed_dim, mod.num_heads, batch_first=True).eval()
-        tm.load_state_dict({n: torch.from_numpy(a) for n, a in mod.state_dict().items()})
-        x = torch.from_numpy(inp["x"])
+        sd = {n: _torch.from_numpy(a) for n, a in mod.state_dict().items()}
+        tm = tm.to(next(iter(sd.values())).dtype)  # the layer's own dtype, bfloat16 included
+        tm.load_state_dict(sd)
+        x = _torch.from_numpy(inp["x"])  # bfloat16 through a bit view
 
         def layer():
             with torch.inference_mode():
-                return tm(x, x, x, need_weights=False)[0].numpy()
+                return _torch.to_numpy(tm(x, x, x, need_weights=False)[0], "out")
         return layer
     if case.kind == "cache":
         w = tuple(torch.from_numpy(a) for a in split_weights(inp["mod"]))
