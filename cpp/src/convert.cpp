@@ -34,39 +34,6 @@ uint16_t f16_bits(float x) {
   return static_cast<uint16_t>(sign | (t - 0x3f000000u));
 }
 
-#if defined(MHATTN_SIMD_AVX512)
-// W values at once, as bf16_bits does them.
-void store_bf16(uint16_t* dst, V v) {
-  const __m512i u = _mm512_castps_si512(v), one = _mm512_set1_epi32(1);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
-  const __m512i half_ulp = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, half_ulp), 16);
-  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(r));
-}
-void store_f16(uint16_t* dst, V v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
-                      _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-#elif defined(MHATTN_SIMD_AVX2)
-void store_bf16(uint16_t* dst, V v) {
-  const __m256i u = _mm256_castps_si256(v), one = _mm256_set1_epi32(1);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
-  const __m256i half_ulp = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, half_ulp), 16);
-  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
-  r = _mm256_blendv_epi8(r, quiet, nan);
-  // 8 words of 32 bits to 16: pack within each 128-bit lane, then bring the halves together
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(packed));
-}
-void store_f16(uint16_t* dst, V v) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst),
-                   _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-#endif  // the portable path rounds one value at a time
 
 }  // namespace
 
@@ -92,8 +59,8 @@ void round_to_half(uint16_t* dst, const float* src, int64_t n, DType dt) {
   int64_t i = 0;
 #if defined(MHATTN_SIMD_AVX512) || defined(MHATTN_SIMD_AVX2)
   for (; i + W <= n; i += W) {
-    if (bf) store_bf16(dst + i, vload(src + i));
-    else store_f16(dst + i, vload(src + i));
+    if (bf) vstore_bf16(dst + i, vload(src + i));
+    else vstore_f16(dst + i, vload(src + i));
   }
 #endif
   for (; i < n; ++i) dst[i] = bf ? bf16_bits(src[i]) : f16_bits(src[i]);

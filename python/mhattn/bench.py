@@ -230,8 +230,13 @@ def preset(name, args):
             if m == 1:
                 return "1.8x fp32"
             return "1.3x torch" + ("; 1300 GFLOP/s" if m == n == k == 1024 else "")
-        return [Case(f"GEMM x @ W.T, {dtype}", "gemm", M=m, N=n, K=k, dtype=dtype,
-                     target=target(m, n, k)) for m, n, k in shapes]
+        cases = [Case(f"GEMM x @ W.T, {dtype}", "gemm", M=m, N=n, K=k, dtype=dtype,
+                      target=target(m, n, k)) for m, n, k in shapes]
+        if dtype == "bfloat16":  # the one-shot call, which packs the weights on every call
+            cases += [Case(f"GEMM x @ W.T, {dtype}, one-shot", "gemm", M=m, N=n, K=k,
+                           part="linear", dtype=dtype, target="1.0x torch" if amx else "")
+                      for m, n, k in shapes if m >= 16]
+        return cases
     if name in ("attention-bf16", "attention-f16"):  # the heads sweep and design shapes, 16-bit
         dtype = {"attention-bf16": "bfloat16", "attention-f16": "float16"}[name]
         # Without AMX (products in float32 or on vdpbf16ps), the DESIGN asks 1.3x torch's SDPA

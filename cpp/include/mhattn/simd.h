@@ -184,6 +184,22 @@ inline void vtranspose(V r[16]) {
   }
 }
 
+// W values rounded to bfloat16 and float16 (to nearest even, NaN kept), as bf16_bits and
+// convert.cpp's f16_bits round one.
+inline void vstore_bf16(uint16_t* dst, V v) {
+  const __m512i u = _mm512_castps_si512(v), one = _mm512_set1_epi32(1);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
+  const __m512i half_ulp = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, half_ulp), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtepi32_epi16(r));
+}
+inline void vstore_f16(uint16_t* dst, V v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                      _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
 #elif defined(MHATTN_SIMD_AVX2)
 
 using V = __m256;
@@ -253,6 +269,24 @@ inline void vtranspose(V r[8]) {
 // Lanes where x < lo (false for NaN) become 0.
 inline V vzero_below(V x, V lo, V r) {
   return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), r);
+}
+
+// W values rounded to bfloat16 and float16, as AVX-512's.
+inline void vstore_bf16(uint16_t* dst, V v) {
+  const __m256i u = _mm256_castps_si256(v), one = _mm256_set1_epi32(1);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
+  const __m256i half_ulp = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, half_ulp), 16);
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+  r = _mm256_blendv_epi8(r, quiet, nan);
+  // 8 words of 32 bits to 16: pack within each 128-bit lane, then bring the halves together
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(packed));
+}
+inline void vstore_f16(uint16_t* dst, V v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst),
+                   _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
 #else  // portable: GCC/Clang vector extensions, lowered to SSE2 on x86-64 and NEON on ARM

@@ -205,10 +205,11 @@ void block(int64_t steps, const uint32_t* ap, const uint16_t* bp, float* c, bool
   TILE_STORE(3, c + TM * BM + TM, 4 * BM);
 }
 
-// Row m, columns [n0, n0 + ncols) of a 16-bit C = act(t + bias), rounded to C's dtype: the
-// store_tile of gemm_writes_half's C, which the tiles write once, after the whole of K.
-void store_half(const V (&t)[1][NV], const OutMap& c, int64_t m, int64_t n0, int64_t ncols,
-                const float* bias, Activation act) {
+// Columns [n0, n0 + ncols) of a row of a 16-bit C (`row`, OutMap::row_half) = act(t + bias),
+// rounded to C's dtype: store_tile for gemm_writes_half's C, which the tiles write once, after
+// the whole of K. `col`: C's column of n0 (OutMap::col), where a whole tile lies in one group.
+void store_half(const V (&t)[1][NV], const OutMap& c, uint16_t* row, int64_t col, int64_t n0,
+                int64_t ncols, const float* bias, Activation act) {
   float v[NR];
   for (int q = 0; q < NV; ++q) {
     V x = t[0][q];
@@ -219,7 +220,12 @@ void store_half(const V (&t)[1][NV], const OutMap& c, int64_t m, int64_t n0, int
     for (int64_t j = 0; j < ncols; ++j) v[j] += bias[n0 + j];
   if (act != Activation::none)
     for (int q = 0; q < NV; ++q) vstore(v + q * W, vactivate(act, vload(v + q * W)));
-  uint16_t* row = c.row_half(m);
+  if (ncols == NR && n0 % c.cols_per_group + NR <= c.cols_per_group) {  // in one group: 2 stores
+    for (int q = 0; q < NV; ++q)
+      if (c.dtype == DType::bf16) vstore_bf16(row + col + q * W, vload(v + q * W));
+      else vstore_f16(row + col + q * W, vload(v + q * W));
+    return;
+  }
   for (int64_t j = 0, len; j < ncols; j += len) {  // runs of columns inside one column group
     len = std::min(ncols - j, c.cols_per_group - (n0 + j) % c.cols_per_group);
     round_to_half(row + c.col(n0 + j), v + j, len, c.dtype);
@@ -241,9 +247,11 @@ void gemm_tiles(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const 
     const TileScope tiles;
     const int64_t p0 = (t % tk.runs) * tk.run_len, p1 = std::min(tk.panels, p0 + tk.run_len);
     const int64_t rows_p = round_up(rows, BM);
-    float* crow[kRowsMax];
-    if (c.dtype == DType::f32)
-      for (int64_t i = 0; i < rows; ++i) crow[i] = c.row(m0 + i);
+    float* crow[kRowsMax];        // C's rows, float32
+    uint16_t* hrow[kRowsMax];     // or 16-bit
+    for (int64_t i = 0; i < rows; ++i)
+      if (c.dtype == DType::f32) crow[i] = c.row(m0 + i);
+      else hrow[i] = c.row_half(m0 + i);
     uint32_t* ap = reinterpret_cast<uint32_t*>(thread_scratch(0, kRowsMax * KG));
     // C of a panel (rows_p × 32 float32): one per panel of the run when K takes several
     // groups, else two in turn, so that a finished block waits in one while the next panel
@@ -257,12 +265,12 @@ void gemm_tiles(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const 
     int64_t done_i0 = 0, done_p = 0;
     auto store_done = [&] {
       if (!done) return;
-      const int64_t n0 = done_p * NR, ncols = std::min<int64_t>(NR, N - n0);
+      const int64_t n0 = done_p * NR, ncols = std::min<int64_t>(NR, N - n0), col = c.col(n0);
       for (int64_t i = done_i0; i < std::min(rows, done_i0 + BM); ++i) {
         const float* r = done + (i - done_i0) * BM;
         const V t1[1][NV] = {{vload(r), vload(r + W)}};
         if (c.dtype == DType::f32) store_tile<1>(t1, c, crow + i, n0, ncols, bias, true, act);
-        else store_half(t1, c, m0 + i, n0, ncols, bias, act);
+        else store_half(t1, c, hrow[i], col, n0, ncols, bias, act);
       }
       done = nullptr;
     };
