@@ -163,12 +163,7 @@ void pack_a_tiles(uint32_t* ap, const AT* a, int64_t rs, int64_t cs, int64_t row
       } else if (cs == 1 && k + 2 * TM <= K) {
         _mm512_storeu_si512(dst, pairs_of(src + k));
       } else {
-        for (int q = 0; q < TM; ++q) {
-          const int64_t kq = k + 2 * q;
-          const uint32_t lo = kq < K ? bf16_bits(src[kq * cs]) : 0;
-          const uint32_t hi = kq + 1 < K ? bf16_bits(src[(kq + 1) * cs]) : 0;
-          dst[q] = lo | hi << 16;
-        }
+        for (int q = 0; q < TM; ++q) dst[q] = pair_at(src, k + 2 * q, cs, K);
       }
     }
   }

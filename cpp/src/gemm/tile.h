@@ -188,6 +188,15 @@ inline __m512i pairs_of(const f16_t* p) {
   return (__m512i)_mm512_cvtne2ps_pbh(vload_f32(p + W), vload_f32(p));
 }
 
+// The pair (k, k + 1) of the row at src (values cs apart) as bfloat16 bits, low half first;
+// k past K is zero.
+template <class AT>
+inline uint32_t pair_at(const AT* src, int64_t k, int64_t cs, int64_t K) {
+  const uint32_t lo = k < K ? bf16_bits(src[k * cs]) : 0;
+  const uint32_t hi = k + 1 < K ? bf16_bits(src[(k + 1) * cs]) : 0;
+  return lo | hi << 16;
+}
+
 // ap = rows [0, mc) of A, k from k0 .. k0 + 2·kp, as runs of pairs: the pair of
 // k = k0 + 2kk, k0 + 2kk + 1 of row i at ap[i * kp + kk] (so sliver s, of rows s·MR .., starts
 // at ap + s·MR·kp); k past K is zero.
@@ -201,12 +210,7 @@ void pack_a_pairs(uint32_t* ap, const AT* a, int64_t rs, int64_t cs, int64_t mc,
     if (cs == 1)  // 16 pairs at a time while all 32 values lie within K
       for (; kk + W <= kp && k0 + 2 * (kk + W) <= K; kk += W)
         _mm512_storeu_si512(dst + kk, pairs_of(src + k0 + 2 * kk));
-    for (; kk < kp; ++kk) {
-      const int64_t k = k0 + 2 * kk;
-      const uint32_t lo = k < K ? bf16_bits(src[k * cs]) : 0;
-      const uint32_t hi = k + 1 < K ? bf16_bits(src[(k + 1) * cs]) : 0;
-      dst[kk] = lo | hi << 16;
-    }
+    for (; kk < kp; ++kk) dst[kk] = pair_at(src, k0 + 2 * kk, cs, K);
   }
 }
 
