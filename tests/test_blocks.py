@@ -105,7 +105,7 @@ def test_matmul_broadcasting(isa, rng, sa, sb):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, BF16, np.float16], ids=["f32", "bf16", "f16"])
-@pytest.mark.parametrize("M", [1, 5, 7, 300])
+@pytest.mark.parametrize("M", [1, 5, 7, 8, 9, 300])
 @pytest.mark.parametrize("K,N", [(203, 75), (3, 2000)])
 @pytest.mark.parametrize("layout", ["rows", "columns", "strided"])
 def test_one_shot_products_read_b_as_it_lies(isa, threads, rng, dtype, M, K, N, layout):

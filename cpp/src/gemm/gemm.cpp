@@ -26,8 +26,8 @@
 // is copied (transposed, when B's columns are contiguous, as for x · Wᵀ) into an L1 buffer just
 // before the row slivers use it, as a 16-bit packed B is widened. A product of a few rows reads
 // B where it lies: each row of B scaled into the rows of C when B's rows are contiguous
-// (gemm_axpy), dot products with the rows of W when its columns are (gemm_dot), up to
-// kInPlaceRows rows; other strides of up to MR rows go through gemm_few_rows, which copies B a
+// (gemm_axpy, up to kAxpyRows rows), dot products with the rows of W when its columns are
+// (gemm_dot, up to kInPlaceRows); other strides of up to MR rows go through gemm_few_rows, which copies B a
 // panel at a time.
 #include <algorithm>
 
@@ -193,7 +193,7 @@ inline void store_run(const OutMap& c, int64_t m, int64_t n0, const float* vals,
 // one or a few sequences: B is read once, from memory, and that is what bounds it. A is packed
 // once, whole K, before the threads start, and each task streams its run of panels from start to
 // end: P panels side by side for a packed B, one at a time through a copy for a strided one
-// (gemm_raw sends the common strided ones of up to kInPlaceRows rows to gemm_dot and gemm_axpy).
+// (gemm_raw sends the common strided ones of a few rows to gemm_dot and gemm_axpy).
 // One sliver of A (M <= MR) keeps its C tile in registers over the whole of K. Several take KC
 // steps: the first sliver reads a step's rows of B from memory, and the others find them in L1.
 // Through gemm_typed's row blocks instead, which read B a panel at a time in runs of KG rows, 8
@@ -264,6 +264,10 @@ constexpr int dot_cols(int rows) {
 // gemm_few_rows; 8 rows took 3.5 ms, against 4.3-4.7 there, where B's slivers are copied; and
 // A @ B of 8 rows, whose slivers of B are rows 16 KB apart, 7.7 ms there (Zen 4, 2 threads).
 constexpr int64_t kInPlaceRows = W == 16 ? 8 : MR;
+// gemm_axpy holds U rows of B and one accumulator in registers whatever the rows of A, so it
+// takes 8 on every target. 8 × 4096 → 4096 (A @ B) on AVX2, 2 threads, Zen 3: 7.7-10.3 ms
+// through the row blocks with MR = 6 as its limit, against NumPy's 4.7-5.2.
+constexpr int64_t kAxpyRows = 8;
 
 // C (M, N) = act(A (M, K) · B + bias) for M <= kInPlaceRows and B's columns contiguous: B = Wᵀ with
 // W (N, K) row-major, a decode step's x · Wᵀ on weights nobody packed. C(m, n) is the dot product
@@ -308,7 +312,7 @@ void gemm_dot(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const St
   });
 }
 
-// C (M, N) = act(A (M, K) · B + bias) for M <= kInPlaceRows and B's rows contiguous (A @ B with B
+// C (M, N) = act(A (M, K) · B + bias) for M <= kAxpyRows and B's rows contiguous (A @ B with B
 // (K, N) row-major, a decode step's product on a B nobody packed): row k of B, read in place,
 // scaled by a(m, k) and added into row m of an accumulator in scratch, U = 8 rows of B at a time.
 // The columns are cut into blocks of at most 16 KB of accumulators (in L1), at least one block per
@@ -332,7 +336,7 @@ void gemm_axpy(const OutMap& c, const AT* a, int64_t a_rs, int64_t a_cs, const S
     for (int64_t k = 0; k < K; k += U) {
       const int64_t rows = std::min<int64_t>(U, K - k);
       const BT* br[U];
-      float x[kInPlaceRows][U];
+      float x[kAxpyRows][U];
       for (int u = 0; u < U; ++u) {
         br[u] = b.b + (k + std::min<int64_t>(u, rows - 1)) * b.ks + n0;
         for (int64_t m = 0; m < M; ++m) x[m][u] = u < rows ? to_f32(a[m * a_rs + (k + u) * a_cs]) : 0.0f;
@@ -531,9 +535,9 @@ void gemm_raw(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t 
     using BT = std::remove_const_t<std::remove_pointer_t<decltype(bp)>>;
     const BT* ap = static_cast<const BT*>(a);
     const Strided<BT> src{bp, b_ks, b_ns, K, N};
-    const bool few = M > 0 && M <= kInPlaceRows && N > 0 && 2.0 * M * N * K >= kTinyFlops;
-    if (few && b_ns == 1) return gemm_axpy(c, ap, a_rs, a_cs, src, bias, act, M);
-    if (few && b_ks == 1) return gemm_dot(c, ap, a_rs, a_cs, src, bias, act, M);
+    const bool worth = M > 0 && N > 0 && 2.0 * M * N * K >= kTinyFlops;
+    if (worth && M <= kAxpyRows && b_ns == 1) return gemm_axpy(c, ap, a_rs, a_cs, src, bias, act, M);
+    if (worth && M <= kInPlaceRows && b_ks == 1) return gemm_dot(c, ap, a_rs, a_cs, src, bias, act, M);
     if (M >= 2 * MC && K > 0 && c.cols_per_group >= N)
       return gemm_raw_blocks(c, ap, a_rs, a_cs, src, bias, act, M);
     gemm_typed(c, ap, a_rs, a_cs, src, bias, act, M);
