@@ -3,7 +3,6 @@ packages are not installed (.ci/run installs them)."""
 
 import importlib.util
 import json
-import os
 import pickle
 from pathlib import Path
 
@@ -202,30 +201,57 @@ def test_the_embed_command_writes_a_files_embeddings_in_order(tmp_path):
     assert bad.returncode == 2 and "--chunk" in bad.stderr
 
 
-# ---- a corpus on a Dask cluster (examples/embed_corpus_dask.py) ---------------------------
+# ---- a corpus on a Dask cluster (mhattn.models.cluster, examples/embed_corpus_dask.py) -----
+
+
+def corpus_lines():
+    rng = np.random.default_rng(0)
+    return [" ".join(rng.permutation(s.split())) + f" {i}" for i, s in
+            enumerate(SENTENCES * 12)]  # 60 lines of many lengths
 
 
 @pytest.mark.parametrize("processes", [True, False], ids=["processes", "threads"])
-def test_a_corpus_on_a_local_dask_cluster_equals_one_process(monkeypatch, processes):
+def test_a_corpus_on_a_local_dask_cluster_equals_one_process(processes):
     # Two workers of one thread each, on loopback: bit for bit what one process computes on
     # the same chunks with one kernel thread, and within float32 rounding of one encode call.
     pytest.importorskip("distributed")
     from distributed import Client
 
     from mhattn.models import SentenceEncoder
+    from mhattn.models.cluster import embed_corpus, local_cluster
 
-    ex = example("embed_corpus_dask", monkeypatch)
     model = SentenceEncoder.from_pretrained(minilm_path())
-    rng = np.random.default_rng(0)
-    lines = [" ".join(rng.permutation(s.split())) + f" {i}" for i, s in
-             enumerate(SENTENCES * 12)]  # 60 lines of many lengths
-    with ex.local_cluster(2, 1, processes) as cluster, Client(cluster) as client:
-        got = ex.embed_corpus(client, model, lines, chunk=16, threads=1)
+    lines = corpus_lines()
+    with local_cluster(2, 1, processes) as cluster, Client(cluster) as client:
+        got = embed_corpus(client, model, lines, chunk=16, threads=1)
         assert len(client.scheduler_info()["workers"]) == 2
     with mhattn.threads(1):
         want = np.concatenate([model.encode(lines[i:i + 16]) for i in range(0, 60, 16)])
     np.testing.assert_array_equal(got, want)
     np.testing.assert_allclose(got, model.encode(lines), atol=2e-6)
+
+
+def test_the_dask_example_writes_the_corpus_embeddings(tmp_path):
+    # The example's command line, on worker threads of one process: the .npy holds every
+    # non-empty line's embedding, in order.
+    import subprocess
+    import sys
+
+    pytest.importorskip("distributed")
+    from mhattn.models import SentenceEncoder
+
+    script = EXAMPLES / "embed_corpus_dask.py"
+    if not script.exists():
+        pytest.skip(f"{script} is not here (tests run from an installed wheel)")
+    lines = corpus_lines()[:20]
+    corpus, out = tmp_path / "corpus.txt", tmp_path / "emb.npy"
+    corpus.write_text("\n".join(lines[:10] + [""] + lines[10:]) + "\n", encoding="utf-8")
+    run = subprocess.run([sys.executable, str(script), str(corpus), str(out), "--threads",
+                          "--chunk", "8"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "20 lines" in run.stdout
+    model = SentenceEncoder.from_pretrained(minilm_path())
+    np.testing.assert_allclose(np.load(out), model.encode(lines), atol=2e-6)
 
 
 def test_threads_per_call_and_per_model(monkeypatch):

@@ -270,7 +270,7 @@ def preset(name, args):
         return [Case("MiniLM-L6 pruned, 32 sentences", "pruned", B=32, Hq=k, part=part,
                      target={(6, "attention"): "0.6 of k12", (2, "attention"): "0.3 of k12"}.get((k, part), ""))
                 for k in (12, 8, 6, 4, 2, 1) for part in ("model", "attention")]
-    if name == "dask":  # examples/embed_corpus_dask.py on a LocalCluster, against one process
+    if name == "dask":  # mhattn.models.cluster on a LocalCluster, against one process
         return [Case("all-MiniLM-L6-v2 over a corpus", "dask", B=2000, part=part, repeats=3,
                      target={"2x1": "1.7x 1x1; 1.0x process"}.get(part, ""))
                 for part in ("1x1", "2x1", "process")]
@@ -317,23 +317,6 @@ SENTENCES = [
     "Attention is all you need, they said, and a CPU was enough for inference after all.",
     "Do you like pizza?",
 ]
-
-
-def example(name):
-    """examples/<name>.py of the repository the harness runs from."""
-    import importlib.util
-    from pathlib import Path
-
-    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
-        path = root / "examples" / f"{name}.py"
-        if path.exists():
-            if str(path.parent) not in sys.path:  # examples import their siblings
-                sys.path.append(str(path.parent))
-            spec = importlib.util.spec_from_file_location(name, path)
-            mod = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(mod)
-            return mod
-    raise Skip(f"examples/{name}.py not found: run from a clone of the repository")
 
 
 def minilm(dtype="float32"):
@@ -388,7 +371,7 @@ atexit.register(_close_cluster)
 
 
 def dask_corpus(case, lines):
-    """The callable of a dask case: the corpus through examples/embed_corpus_dask.py on a
+    """The callable of a dask case: the corpus through mhattn.models.cluster on a
     LocalCluster of case.part workers (processes of one thread, one kernel thread each, chunks
     of 256 lines), or in this process on 2 kernel threads ("process")."""
     model = minilm()
@@ -398,7 +381,8 @@ def dask_corpus(case, lines):
         from distributed import Client
     except ImportError:
         raise Skip("distributed is not installed (the distributed extra)") from None
-    ex = example("embed_corpus_dask")
+    from .models import cluster as ex
+
     _close_cluster()  # the previous case's workers would take CPU from this one
     cluster = ex.local_cluster(int(case.part[0]), 1, True)
     _CLUSTER.extend([cluster, Client(cluster)])  # closed client first
