@@ -373,7 +373,7 @@ atexit.register(_close_cluster)
 def dask_corpus(case, lines):
     """The callable of a dask case: the corpus through mhattn.models.cluster on a
     LocalCluster of case.part workers (processes of one thread, one kernel thread each, chunks
-    of 256 lines), or in this process on 2 kernel threads ("process")."""
+    of 256 lines, fewer for a short corpus), or in this process on 2 kernel threads ("process")."""
     model = minilm()
     if case.part == "process":
         return lambda: model.encode(lines, threads=2)
@@ -388,7 +388,9 @@ def dask_corpus(case, lines):
     _CLUSTER.extend([cluster, Client(cluster)])  # closed client first
     client = _CLUSTER[-1]
     remote = ex.ship(client, model)  # once, as a user embedding a corpus ships it once
-    return lambda: ex.embed_corpus(client, remote, lines, chunk=256, threads=1)
+    # At least 8 chunks, so that the quick mode's short corpus still keeps two workers busy.
+    chunk = min(256, max(16, len(lines) // 8))
+    return lambda: ex.embed_corpus(client, remote, lines, chunk=chunk, threads=1)
 
 
 def add_dask_ratios(results):
