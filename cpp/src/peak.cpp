@@ -2,9 +2,12 @@
 //
 // peak_flops(iters, bf16): each of num_threads() threads runs iters rounds of kChains independent
 // accumulator chains, each a vfma (float32: 2 flops a lane) or, with bf16 on a target with
-// AVX512-BF16, a vdpbf16ps (4 flops a float32 lane: two products, two sums). 16 chains keep more
-// instructions in flight than any CPU's FMA latency times its FMA ports (4 × 2 on Intel's
-// two-port cores), so the count, not a dependency, is the limit. On a target with AMX tiles
+// AVX512-BF16, a vdpbf16ps (4 flops a float32 lane: two products, two sums). 16 chains (12 with
+// 16 vector registers) keep more instructions in flight than any CPU's FMA latency times its FMA
+// ports (4 × 2 on Intel's two-port cores and on Zen 3), so the count, not a dependency, is the
+// limit. With AVX2, 16 chains and the two operands took 18 of the 16 ymm registers: three
+// chains went through the stack on every round, and the peak read 55 GFLOP/s a thread on a
+// Zen 3 whose GEMM ran at 75. On a target with AMX tiles
 // (the bf16 GEMM's path there), bf16 counts tdpbf16ps instead (gemm/amx.cpp). Returns the
 // flops done; the caller times the call.
 #include "gemm/tile.h"
@@ -13,7 +16,7 @@ namespace mhattn {
 namespace MHATTN_TARGET {
 
 namespace {
-constexpr int kChains = 16;
+constexpr int kChains = W == 16 ? 16 : 12;  // AVX-512 has 32 registers, AVX2 and SSE2 16
 volatile double g_sink;  // where the chains' sum goes, so that the loops are not optimised away
 }  // namespace
 
