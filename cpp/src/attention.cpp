@@ -26,10 +26,10 @@
 // On AVX-512, tiles without weights to write take the lanes path instead (below merge_row):
 // W query rows at a time, one per lane of a vector, k and v read in place.
 // k and v are float32, or bfloat16 or float16 read where they lie: on the direct path (decode,
-// a KV cache in half the bytes) widened in registers, and bfloat16 on the lanes path of targets
-// with AVX512-BF16, multiplied as it is (vdpbf16ps, below attend_tile_lanes). mhattn::attention
-// (mha.cpp) widens a 16-bit k and v for the other paths first (reads_kv says which). KT is
-// their element type.
+// a KV cache in half the bytes) widened in registers, on the packed path widened as each block
+// is packed, and bfloat16 on the lanes path of targets with AVX512-BF16, multiplied as it is
+// (vdpbf16ps, below attend_tile_lanes). mhattn::attention (mha.cpp) widens a 16-bit k and v for
+// the lanes path of other targets first (reads_kv says which). KT is their element type.
 // Split-S: when a decode call has too few tiles to keep every thread busy (one sequence, few
 // kv heads), each tile's keys are cut into chunks that run as tasks of their own, each ending
 // with its rows' partial (m, l, O); a second pass merges them:
@@ -587,26 +587,27 @@ int64_t block_floats(int64_t E, int64_t bk_max, int64_t evp) {
   return E * round_up(bk_max, KP) + bk_max * evp;
 }
 
-// kt = kᵀ of keys [j0, j0 + bk) in panels of KP keys, zero-padded to bkp keys (qk_rows).
-// W keys × W dims at a time through registers (vtranspose); scalar at the edges.
-void pack_keys(float* kt, const AttnArgs& a, const KeyBlocks<float>& kb, int64_t j0,
-               int64_t bk) {
+// kt = kᵀ of keys [j0, j0 + bk) in panels of KP keys, zero-padded to bkp keys (qk_rows), as
+// float32 (a 16-bit k is widened here, as it is copied). W keys × W dims at a time through
+// registers (vtranspose); scalar at the edges.
+template <class KT>
+void pack_keys(float* kt, const AttnArgs& a, const KeyBlocks<KT>& kb, int64_t j0, int64_t bk) {
   const int64_t E = a.E, bkp = round_up(bk, KP), ks = a.k_ss;
   for (int64_t j = 0; j < bkp; j += W) {
     float* dst = kt + j / KP * E * KP + j % KP;  // dim e of keys j .. j + W at dst + e·KP
-    const float* src = kb.k + (j0 + j) * ks;
+    const KT* src = kb.k + (j0 + j) * ks;
     const int64_t keys = std::clamp<int64_t>(bk - j, 0, W);
     int64_t e = 0;
     if (keys == W) {
       for (; e + W <= E; e += W) {
         V r[W];
-        for (int i = 0; i < W; ++i) r[i] = vload(src + i * ks + e);
+        for (int i = 0; i < W; ++i) r[i] = vload_f32(src + i * ks + e);
         vtranspose(r);
         for (int i = 0; i < W; ++i) vstore(dst + (e + i) * KP, r[i]);
       }
     }
     for (; e < E; ++e)
-      for (int64_t i = 0; i < W; ++i) dst[e * KP + i] = i < keys ? src[i * ks + e] : 0.0f;
+      for (int64_t i = 0; i < W; ++i) dst[e * KP + i] = i < keys ? to_f32(src[i * ks + e]) : 0.0f;
   }
 }
 
@@ -693,7 +694,7 @@ void run_blocks(Pass pass, const AttnArgs& a, const Row* rows, int64_t R,
       } else {
         pack_values(t.vp, a, kb, j0, bk);
       }
-    } else if constexpr (std::is_same_v<KT, float>) {  // 16-bit k and v take the direct path
+    } else {
       if (kb.packed) {
         kt = kb.packed + j0 / bk_max * kb.block_floats;
         vp = kt + E * bkp;
@@ -1251,11 +1252,14 @@ void attend_tile_lanes(const AttnArgs& a, int64_t b, int64_t kvh, int64_t r0, in
                   Ev);
 }
 
-// Whether Kernels::attention reads this call's k and v as they are: float32 always, 16 bits on
-// the direct path (decode) and, where the target has it, bfloat16 on the lanes path.
+// Whether Kernels::attention reads this call's k and v as they are: float32 always; 16 bits on
+// the direct path (decode) and on the packed path, which widens each block as it packs it; on the
+// lanes path (AVX-512 targets, no weights asked for) only bfloat16, where the target multiplies
+// it as it is (AVX512-BF16). mhattn::attention widens the others into float32 copies first.
 bool reads_kv(const AttnArgs& a) {
   if (a.kv_dt == DType::f32 || a.Hkv == 0 || a.Hq / a.Hkv * a.L <= kDirectRows) return true;
-  return kLanesPath && kBf16Dot && a.kv_dt == DType::bf16 && !a.weights;
+  if (!kLanesPath || a.weights) return true;  // the packed path
+  return kBf16Dot && a.kv_dt == DType::bf16;
 }
 
 template <class KT>
@@ -1265,8 +1269,8 @@ void attention_typed(const AttnArgs& a) {
   // A tile of at most kDirectRows rows (decode: L = 1 times the GQA group) reads k and v in
   // place: each key meets so few queries that packing it would cost more than it saves. Its
   // blocks need not fit L1 and are longer, so the per-block softmax bookkeeping is rarer.
-  // A 16-bit k and v of more rows than that arrive only where reads_kv says the lanes path
-  // reads them (bfloat16 on AVX512-BF16); mhattn::attention widens them otherwise.
+  // A 16-bit k and v of more rows than that arrive only where reads_kv says the path reads
+  // them; mhattn::attention widens them otherwise.
   const bool direct = G * a.L <= kDirectRows || !reads_kv(a);
   // The lanes path (above) unless there are weights to write.
   const bool lanes = kLanesPath && !direct && !a.weights;
@@ -1327,17 +1331,16 @@ void attention_typed(const AttnArgs& a) {
 
 #pragma omp parallel num_threads(nt) if (nt > 1 && tasks * splits > 1 && flops > 1e5)
   {
-    if constexpr (std::is_same_v<KT, float>)
-      if (prepack) {
+    if (prepack) {
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < a.B * a.Hkv * nblk; ++i) {
-          const KeyBlocks<float> kb = head_blocks(i / nblk / a.Hkv, i / nblk % a.Hkv);
-          const int64_t j0 = i % nblk * bk_max, bk = std::min(bk_max, a.S - j0);
-          float* kt = packed + i * blk_floats;
-          pack_keys(kt, a, kb, j0, bk);
-          pack_values(kt + a.E * round_up(bk, KP), a, kb, j0, bk);
-        }
+      for (int64_t i = 0; i < a.B * a.Hkv * nblk; ++i) {
+        const KeyBlocks<KT> kb = head_blocks(i / nblk / a.Hkv, i / nblk % a.Hkv);
+        const int64_t j0 = i % nblk * bk_max, bk = std::min(bk_max, a.S - j0);
+        float* kt = packed + i * blk_floats;
+        pack_keys(kt, a, kb, j0, bk);
+        pack_values(kt + a.E * round_up(bk, KP), a, kb, j0, bk);
       }
+    }
 #pragma omp for schedule(dynamic)
     for (int64_t job = 0; job < tasks * splits; ++job) {
       const Tile tl = tile_of(job / splits);

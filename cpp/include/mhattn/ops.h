@@ -104,8 +104,9 @@ struct MaskArg {
 // out (B, Hq, L, Ev) = softmax(scale * q kᵀ + masks) v, head h reading kv head h / (Hq / Hkv).
 // q (B, Hq, L, E), k (B, Hkv, S, E), v (B, Hkv, S, Ev), out: all with the last axis contiguous,
 // the other strides free. q and out are float32; k and v are of kv_dt, and a 16-bit kv_dt is
-// read in place by Kernels::attention only where Kernels::attention_reads says so (decode, and
-// bfloat16 on AVX512-BF16 without weights); mhattn::attention widens it first otherwise.
+// read in place by Kernels::attention only where Kernels::attention_reads says so (everywhere
+// but the lanes path of AVX-512 targets, which reads bfloat16 only, with AVX512-BF16);
+// mhattn::attention widens it first otherwise.
 // weights (B, Hq, L, S) contiguous and zero-filled, or null.
 // Key j is visible to query l when the masks allow it and, with p = l + diag_offset,
 //   causal: j <= p;   window > 0: j > p - window (and j < p + window when not causal).
