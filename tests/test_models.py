@@ -14,12 +14,15 @@ import mhattn
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def example(name, monkeypatch=None):
+def example_path(name):
     path = EXAMPLES / f"{name}.py"
     if not path.exists():
         pytest.skip(f"{path} is not here (tests run from an installed wheel)")
-    if monkeypatch is not None:  # the examples' folder on sys.path, to import them by name
-        monkeypatch.syspath_prepend(str(EXAMPLES))
+    return path
+
+
+def example(name):
+    path = example_path(name)
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
@@ -240,9 +243,7 @@ def test_the_dask_example_writes_the_corpus_embeddings(tmp_path):
     pytest.importorskip("distributed")
     from mhattn.models import SentenceEncoder
 
-    script = EXAMPLES / "embed_corpus_dask.py"
-    if not script.exists():
-        pytest.skip(f"{script} is not here (tests run from an installed wheel)")
+    script = example_path("embed_corpus_dask")
     lines = corpus_lines()[:20]
     corpus, out = tmp_path / "corpus.txt", tmp_path / "emb.npy"
     corpus.write_text("\n".join(lines[:10] + [""] + lines[10:]) + "\n", encoding="utf-8")

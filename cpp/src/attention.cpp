@@ -446,11 +446,12 @@ void pv_direct_pairs(int64_t R, float* o, int64_t evp, const float* p, int64_t l
 }
 #endif
 
-// The direct path's P · V when its dims [0, ev) take several passes of 2W (AVX2 with four rows:
-// 8 at E = 128): o (R rows, ldo apart) += p (R × bk, ldp) · v (bk × ev, rows ldv apart), in
-// chunks of keys whose rows of v (kPassChunkBytes) every pass covers before the next chunk. A
-// pass reads a line of each row of v, a row apart: over a whole block that walks memory with a
-// stride of a row, one line per page per row, too few for the hardware prefetcher to follow,
+// The direct path's P · V on dims [0, ev) in passes of 2W (the last W wide): o (R rows, ldo
+// apart) += p (R × bk, ldp) · v (bk × ev, rows ldv apart). With several passes (AVX2 with four
+// rows: 8 at E = 128), in chunks of keys whose rows of v (kPassChunkBytes) every pass covers
+// before the next chunk. A pass reads a line of each row of v, a row apart: over a whole block
+// that walks memory with a stride of a row, one line per page per row, too few for the hardware
+// prefetcher to follow,
 // and GQA decode (H32/8 S4096 E128, float32, one thread, Zen 3) read its cache at 8.5 GB/s
 // against H8/8's 19. So the rows of the next chunk are prefetched, in address order, while the
 // passes run on this one: on 2 threads, 2.0-2.1 ms a call (median) against 3.0-3.1 (float32)
@@ -459,12 +460,14 @@ template <int R, class VT>
 void pv_direct_chunks(float* o, int64_t ldo, const float* p, int64_t ldp, const VT* v,
                       int64_t ldv, int64_t ev, int64_t bk) {
   const int64_t row_bytes = ev * int64_t(sizeof(VT));
-  const int64_t chunk = std::max<int64_t>(1, kPassChunkBytes / row_bytes);
+  const bool passes = ev > 2 * W;
+  const int64_t chunk = passes ? std::max<int64_t>(1, kPassChunkBytes / row_bytes) : bk;
   for (int64_t j = 0; j < bk; j += chunk) {
     const int64_t n = std::min(chunk, bk - j);
-    for (int64_t r = j + chunk; r < std::min(bk, j + 2 * chunk); ++r)
-      for (int64_t b = 0; b < row_bytes; b += 64)
-        __builtin_prefetch(reinterpret_cast<const char*>(v + r * ldv) + b);
+    if (passes)
+      for (int64_t r = j + chunk; r < std::min(bk, j + 2 * chunk); ++r)
+        for (int64_t b = 0; b < row_bytes; b += 64)
+          __builtin_prefetch(reinterpret_cast<const char*>(v + r * ldv) + b);
     int64_t c = 0;
     for (; c + 2 * W <= ev; c += 2 * W)
       pv_tile<R, 2>(o + c, ldo, p + j, ldp, v + j * ldv + c, ldv, n);
@@ -493,9 +496,7 @@ void pv_rows(float* o, const float* p, int64_t ldp, const VT* v, int64_t ldv, in
     for (; c + 8 * W <= evp; c += 8 * W) pv_tile<R, 8>(o + c, evp, p, ldp, v + c, ldv, bk);
   if (R * 4 <= kPassAccumulators)
     for (; c + 4 * W <= evp; c += 4 * W) pv_tile<R, 4>(o + c, evp, p, ldp, v + c, ldv, bk);
-  if (c + 2 * W < evp) return pv_direct_chunks<R>(o + c, evp, p, ldp, v + c, ldv, evp - c, bk);
-  for (; c + 2 * W <= evp; c += 2 * W) pv_tile<R, 2>(o + c, evp, p, ldp, v + c, ldv, bk);
-  if (c < evp) pv_tile<R, 1>(o + c, evp, p, ldp, v + c, ldv, bk);
+  if (c < evp) pv_direct_chunks<R>(o + c, evp, p, ldp, v + c, ldv, evp - c, bk);
 }
 template <class VT>
 void pv(int64_t R, float* o, const float* p, int64_t ldp, const VT* v, int64_t ldv,
@@ -694,14 +695,12 @@ void run_blocks(Pass pass, const AttnArgs& a, const Row* rows, int64_t R,
       } else {
         pack_values(t.vp, a, kb, j0, bk);
       }
+    } else if (kb.packed) {
+      kt = kb.packed + j0 / bk_max * kb.block_floats;
+      vp = kt + E * bkp;
     } else {
-      if (kb.packed) {
-        kt = kb.packed + j0 / bk_max * kb.block_floats;
-        vp = kt + E * bkp;
-      } else {
-        pack_keys(t.kt, a, kb, j0, bk);
-        pack_values(t.vp, a, kb, j0, bk);
-      }
+      pack_keys(t.kt, a, kb, j0, bk);
+      pack_values(t.vp, a, kb, j0, bk);
     }
 
     for (int64_t i0 = 0; i0 < R; i0 += RM) {

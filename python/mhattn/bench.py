@@ -381,16 +381,16 @@ def dask_corpus(case, lines):
         from distributed import Client
     except ImportError:
         raise Skip("distributed is not installed (the distributed extra)") from None
-    from .models import cluster as ex
+    from .models.cluster import embed_corpus, local_cluster, ship
 
     _close_cluster()  # the previous case's workers would take CPU from this one
-    cluster = ex.local_cluster(int(case.part[0]), 1, True)
+    cluster = local_cluster(int(case.part[0]), 1, True)
     _CLUSTER.extend([cluster, Client(cluster)])  # closed client first
     client = _CLUSTER[-1]
-    remote = ex.ship(client, model)  # once, as a user embedding a corpus ships it once
+    remote = ship(client, model)  # once, as a user embedding a corpus ships it once
     # At least 8 chunks, so that the quick mode's short corpus still keeps two workers busy.
     chunk = min(256, max(16, len(lines) // 8))
-    return lambda: ex.embed_corpus(client, remote, lines, chunk=chunk, threads=1)
+    return lambda: embed_corpus(client, remote, lines, chunk=chunk, threads=1)
 
 
 def add_dask_ratios(results):

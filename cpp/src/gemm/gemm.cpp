@@ -27,8 +27,8 @@
 // before the row slivers use it, as a 16-bit packed B is widened. A product of a few rows reads
 // B where it lies: each row of B scaled into the rows of C when B's rows are contiguous
 // (gemm_axpy, up to kAxpyRows rows), dot products with the rows of W when its columns are
-// (gemm_dot, up to kInPlaceRows); other strides of up to MR rows go through gemm_few_rows, which copies B a
-// panel at a time.
+// (gemm_dot, up to kInPlaceRows); other strides of up to MR rows go through gemm_few_rows,
+// which copies B a panel at a time.
 #include <algorithm>
 
 #include "gemm/tile.h"
