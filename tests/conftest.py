@@ -21,8 +21,8 @@ def _isa_params():
 
 @pytest.fixture(params=_isa_params())
 def isa(request):
-    """Run the test once per SIMD target this CPU can run (the portable one always), and per
-    emulation of one it cannot (amx_emulated)."""
+    """Run the test once per SIMD target this CPU can run (the portable one always), and on
+    the emulation of the AMX target and its AVX-512 (amx_emulated), which every x86-64 CPU runs."""
     before = _core.target()
     _core.set_target(request.param)
     yield request.param

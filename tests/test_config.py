@@ -1,6 +1,7 @@
 """Version, threads, SIMD target selection, and the GIL being released."""
 
 import os
+import platform
 import subprocess
 import sys
 import threading
@@ -34,6 +35,16 @@ def test_show_config(capsys):
 
 def test_portable_target_is_always_available():
     assert _core.targets()[0] == "generic"
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="the emulation is built on x86-64 only")
+@pytest.mark.skipif("amx_emulated" not in os.environ.get("MHATTN_TEST_TARGETS", "amx_emulated"),
+                    reason="MHATTN_TEST_TARGETS leaves the emulation out")
+def test_amx_emulation_runs_on_every_x86_cpu():
+    """The tests of the AMX and AVX512-BF16 kernels' logic run wherever the suite does, an
+    AVX2-only CPU too: the emulation needs no ISA of its own."""
+    assert "amx_emulated" in _core.test_targets()
 
 
 def test_mhattn_isa_env_forces_the_portable_path():

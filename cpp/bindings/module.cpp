@@ -134,7 +134,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("targets", &mhattn::supported_targets,
         "SIMD targets built in and runnable on this CPU, best last.");
   m.def("test_targets", &mhattn::test_targets,
-        "targets() and the emulations this CPU can run (amx_emulated): what the tests run.");
+        "targets() and the emulations (amx_emulated, on every x86-64 CPU): what the tests run.");
   m.def("amx_status", &mhattn::amx_status,
         "Why the amx target cannot run here, or '' when it can.");
   m.def("target", [] { return std::string(mhattn::kernels().name); }, "The active SIMD target.");

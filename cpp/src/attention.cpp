@@ -76,7 +76,7 @@ constexpr int64_t kSplitMinKeys = 512;
 // both products of each pair to a float32 lane, twice an FMA's work per instruction (on Zen 4
 // at the FMA's rate, fma_peak.c). The lanes path (below attend_tile_lanes) and the direct path's
 // Q·Kᵀ (qk_direct_pairs) use it on a bfloat16 k and v as they lie.
-#if defined(__AVX512BF16__)
+#if defined(MHATTN_BF16_DOT)
 constexpr bool kBf16Dot = true;
 
 inline V vdp(V acc, __m512i a, __m512i b) {
@@ -290,7 +290,7 @@ void qk_direct(int64_t R, float* s, int64_t lds, const float* qs, const KT* k, i
   }
 }
 
-#if defined(__AVX512BF16__)
+#if defined(MHATTN_BF16_DOT)
 // dst (R × round_up(n, 32), rows apart by ldd) = src (R × n, rows apart by lds) rounded to
 // bfloat16, zero past n: rows in natural order, whose pairs are two adjacent elements (of q:
 // two dims, for qk_direct_pairs; of P: two keys, for pv_direct_pairs).
@@ -708,7 +708,7 @@ void run_blocks(Pass pass, const AttnArgs& a, const Row* rows, int64_t R,
       // 2. S = qs · kt for these rows.
       float s_max[RM];
       if (kb.direct) {
-#if defined(__AVX512BF16__)
+#if defined(MHATTN_BF16_DOT)
         if constexpr (std::is_same_v<KT, bf16_t>) {  // q in bfloat16 (attend_tile)
           const int64_t ldq = direct_q_stride(E);
           qk_direct_pairs(rr, t.s, bkp, direct_q_bf16(t) + i0 * ldq, ldq, kb.k + j0 * a.k_ss,
@@ -724,7 +724,7 @@ void run_blocks(Pass pass, const AttnArgs& a, const Row* rows, int64_t R,
                     bk, bkp, t.m[i0 + i], t.l[i0 + i], t.o + (i0 + i) * evp, evp);
       // 5. O += P · v.
       if (pass != Pass::Stats) {
-#if defined(__AVX512BF16__)
+#if defined(MHATTN_BF16_DOT)
         if constexpr (std::is_same_v<KT, bf16_t>)  // a GQA group: pairs of keys on vdpbf16ps
           if (vd && rr >= 2) {
             pv_direct_pairs(rr, t.o + i0 * evp, evp, t.s, bkp, vd, ldv, a.Ev, bk,
@@ -758,7 +758,7 @@ void attend_tile(const AttnArgs& a, int64_t b, int64_t kvh, int64_t r0, int64_t 
     t.l[i] = 0.0f;
     std::fill(t.o + i * evp, t.o + (i + 1) * evp, 0.0f);
   }
-#if defined(__AVX512BF16__)
+#if defined(MHATTN_BF16_DOT)
   if constexpr (std::is_same_v<KT, bf16_t>)  // the direct path's Q·Kᵀ (qk_direct_pairs)
     if (kb.direct) rows_to_bf16(direct_q_bf16(t), direct_q_stride(E), t.qs, E, R, E);
 #endif
@@ -1055,7 +1055,7 @@ void lanes_queries(const KeyBlocks<float>&, float* qT, const Row* rows, int64_t 
 }
 int64_t lanes_query_floats(const KeyBlocks<float>&, int64_t E) { return E * W; }
 
-#if defined(__AVX512BF16__)
+#if defined(MHATTN_BF16_DOT)
 // ---------------------------------------------------------------------------------------------
 // The lanes path on bfloat16 k and v (AVX512-BF16), both products on vdpbf16ps (kBf16Dot):
 //   Q·Kᵀ: qP (E/2 pairs × W) holds the rows' q times scale rounded to bfloat16: lane i of
@@ -1185,7 +1185,7 @@ void lanes_pv(const AttnArgs& a, const KeyBlocks<bf16_t>&, float* oT, V alpha, f
       pv_lanes_bf16<NE, false>(oT + e0 * W, alpha, sT, pP, vP + e0, a.Ev, bk, m, sum);
   });
 }
-#endif  // __AVX512BF16__
+#endif  // MHATTN_BF16_DOT
 
 // One block of keys [j0, j0 + bk) for a group of W rows: sT = q · kᵀ; step 3 when `cut` (some
 // row does not see every key of the block) or there are masks; the softmax update of m, l and

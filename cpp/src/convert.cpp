@@ -12,30 +12,6 @@
 
 namespace mhattn {
 namespace MHATTN_TARGET {
-namespace {
-
-uint16_t f16_bits(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  const uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);   // NaN
-  if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520: inf
-  if (a >= 0x38800000u) {  // a normal float16 (>= 2^-14): rebias 127 -> 15, round 13 bits off
-    const uint32_t r = a - 0x38000000u;
-    return static_cast<uint16_t>(sign | (r + 0xfffu + ((r >> 13) & 1u)) >> 13);
-  }
-  // A subnormal (units of 2^-24) or zero: adding 0.5 leaves the float with an ulp of 2^-24, so
-  // the addition itself rounds to the unit, and the low bits count them.
-  float f;
-  std::memcpy(&f, &a, sizeof f);
-  f += 0.5f;
-  uint32_t t;
-  std::memcpy(&t, &f, sizeof t);
-  return static_cast<uint16_t>(sign | (t - 0x3f000000u));
-}
-
-
-}  // namespace
 
 // dst[i] = src[i] (bf16 or f16) widened to float32, i < n.
 void to_float(float* dst, const uint16_t* src, int64_t n, DType dt) {
@@ -57,12 +33,10 @@ void to_float(float* dst, const uint16_t* src, int64_t n, DType dt) {
 void round_to_half(uint16_t* dst, const float* src, int64_t n, DType dt) {
   const bool bf = dt == DType::bf16;
   int64_t i = 0;
-#if defined(MHATTN_SIMD_AVX512) || defined(MHATTN_SIMD_AVX2)
   for (; i + W <= n; i += W) {
     if (bf) vstore_bf16(dst + i, vload(src + i));
     else vstore_f16(dst + i, vload(src + i));
   }
-#endif
   for (; i < n; ++i) dst[i] = bf ? bf16_bits(src[i]) : f16_bits(src[i]);
 }
 

@@ -26,7 +26,7 @@ double peak_flops(int64_t iters, bool bf16) {
 #endif
   const int nt = num_threads();
   double sink = 0.0;
-#if defined(__AVX512BF16__)
+#if defined(MHATTN_BF16_DOT)
   const bool dot = bf16;
 #else
   const bool dot = false;
@@ -42,7 +42,7 @@ double peak_flops(int64_t iters, bool bf16) {
 #pragma GCC unroll 16
         for (int c = 0; c < kChains; ++c) acc[c] = vfma(acc[c], x, y);
     }
-#if defined(__AVX512BF16__)
+#if defined(MHATTN_BF16_DOT)
     else {
       const __m512bh p = (__m512bh)_mm512_set1_epi16(0x3F80), q = (__m512bh)_mm512_set1_epi16(0x3380);
       for (int64_t i = 0; i < iters; ++i)

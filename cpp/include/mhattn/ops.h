@@ -194,13 +194,15 @@ namespace avx512bf16 { const Kernels* kernels(); }
 #endif
 #ifdef MHATTN_HAVE_AMX
 namespace amx { const Kernels* kernels(); }
+#endif
+#ifdef MHATTN_HAVE_AMX_EMULATED
 namespace amx_emulated { const Kernels* kernels(); }
 #endif
 
 // dispatch.cpp
 const Kernels& kernels();                       // the active target
 std::vector<std::string> supported_targets();   // compiled in and runnable on this CPU, best last
-// supported_targets() and the emulations runnable here (amx_emulated): what the tests run.
+// supported_targets() and the emulations (amx_emulated, on every x86-64 CPU): what the tests run.
 std::vector<std::string> test_targets();
 // Why the amx target is not runnable ("" when it is): no AMX, or the OS refused the tiles.
 std::string amx_status();

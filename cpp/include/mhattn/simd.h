@@ -70,6 +70,28 @@ inline uint16_t bf16_bits(float x) {
   return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
+// x rounded to float16 (its 16 bits), to nearest with ties to even: overflows to ±inf from
+// 65520 on, keeps the subnormals; NaN stays a (quiet) NaN.
+inline uint16_t f16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  const uint32_t sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);   // NaN
+  if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // >= 65520: inf
+  if (a >= 0x38800000u) {  // a normal float16 (>= 2^-14): rebias 127 -> 15, round 13 bits off
+    const uint32_t r = a - 0x38000000u;
+    return static_cast<uint16_t>(sign | (r + 0xfffu + ((r >> 13) & 1u)) >> 13);
+  }
+  // A subnormal (units of 2^-24) or zero: adding 0.5 leaves the float with an ulp of 2^-24, so
+  // the addition itself rounds to the unit, and the low bits count them.
+  float f;
+  std::memcpy(&f, &a, sizeof f);
+  f += 0.5f;
+  uint32_t t;
+  std::memcpy(&t, &f, sizeof t);
+  return static_cast<uint16_t>(sign | (t - 0x3f000000u));
+}
+
 #if defined(MHATTN_SIMD_AVX512)
 
 using V = __m512;
@@ -185,7 +207,7 @@ inline void vtranspose(V r[16]) {
 }
 
 // W values rounded to bfloat16 and float16 (to nearest even, NaN kept), as bf16_bits and
-// convert.cpp's f16_bits round one.
+// f16_bits round one.
 inline void vstore_bf16(uint16_t* dst, V v) {
   const __m512i u = _mm512_castps_si512(v), one = _mm512_set1_epi32(1);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
@@ -291,14 +313,25 @@ inline void vstore_f16(uint16_t* dst, V v) {
 
 #else  // portable: GCC/Clang vector extensions, lowered to SSE2 on x86-64 and NEON on ARM
 
-typedef float V __attribute__((vector_size(16)));
-typedef int32_t VI __attribute__((vector_size(16)));
+// W = 4 floats, one SSE2 or NEON register. The amx_emulated target (MHATTN_AMX_EMULATED, built
+// with no ISA flags) takes AVX-512's W = 16, four SSE2 registers a vector, so that its kernels
+// run with the shapes and paths of the AVX-512 targets they stand in for.
+#if defined(MHATTN_AMX_EMULATED)
+constexpr int W = 16;
+#else
 constexpr int W = 4;
+#endif
+typedef float V __attribute__((vector_size(4 * W)));
+typedef int32_t VI __attribute__((vector_size(4 * W)));
 inline V vload(const float* p) { V v; std::memcpy(&v, p, sizeof v); return v; }
 inline void vstore(float* p, V v) { std::memcpy(p, &v, sizeof v); }
 inline V vload_f32(const float* p) { return vload(p); }
 template <class T>  // bf16_t, f16_t: one value at a time (this path is correct, not fast)
-inline V vload_f32(const T* p) { return V{to_f32(p[0]), to_f32(p[1]), to_f32(p[2]), to_f32(p[3])}; }
+inline V vload_f32(const T* p) {
+  V v;
+  for (int i = 0; i < W; ++i) v[i] = to_f32(p[i]);
+  return v;
+}
 inline V vset1(float x) { return V{} + x; }
 inline V vzero() { return V{}; }
 inline V vadd(V a, V b) { return a + b; }
@@ -320,10 +353,16 @@ inline V vabs(V x) {
   return x;
 }
 inline V vselect_nonneg(V x, V a, V b) { return x >= 0 ? a : b; }
-inline float vhsum(V v) { return (v[0] + v[2]) + (v[1] + v[3]); }
+// Sums and maxima of halves, then of their halves: for W = 4, (v0 + v2) + (v1 + v3).
+inline float vhsum(V v) {
+  for (int h = W / 2; h >= 1; h /= 2)
+    for (int i = 0; i < h; ++i) v[i] += v[i + h];
+  return v[0];
+}
 inline float vhmax(V v) {
-  float a = v[0] > v[1] ? v[0] : v[1], b = v[2] > v[3] ? v[2] : v[3];
-  return a > b ? a : b;
+  for (int h = W / 2; h >= 1; h /= 2)
+    for (int i = 0; i < h; ++i) v[i] = v[i] > v[i + h] ? v[i] : v[i + h];
+  return v[0];
 }
 inline V vpow2i(V n) {
   VI e = (__builtin_convertvector(n, VI) + 127) << 23;
@@ -338,7 +377,8 @@ inline V vround(V x) {
 }
 inline V vzero_below(V x, V lo, V r) { return x < lo ? V{} : r; }
 // r[i][j] becomes r[j][i].
-inline void vtranspose(V r[4]) {
+inline void vtranspose(V r[W]) {
+#if !defined(MHATTN_AMX_EMULATED)  // W = 4
   const V t0 = __builtin_shufflevector(r[0], r[1], 0, 4, 1, 5);  // r0[0] r1[0] r0[1] r1[1]
   const V t1 = __builtin_shufflevector(r[0], r[1], 2, 6, 3, 7);  // r0[2] r1[2] r0[3] r1[3]
   const V t2 = __builtin_shufflevector(r[2], r[3], 0, 4, 1, 5);
@@ -347,6 +387,19 @@ inline void vtranspose(V r[4]) {
   r[1] = __builtin_shufflevector(t0, t2, 2, 3, 6, 7);
   r[2] = __builtin_shufflevector(t1, t3, 0, 1, 4, 5);
   r[3] = __builtin_shufflevector(t1, t3, 2, 3, 6, 7);
+#else
+  V t[W];
+  for (int i = 0; i < W; ++i)
+    for (int j = 0; j < W; ++j) t[j][i] = r[i][j];
+  for (int i = 0; i < W; ++i) r[i] = t[i];
+#endif
+}
+// W values rounded to bfloat16 and float16, as bf16_bits and f16_bits round one.
+inline void vstore_bf16(uint16_t* dst, V v) {
+  for (int i = 0; i < W; ++i) dst[i] = bf16_bits(v[i]);
+}
+inline void vstore_f16(uint16_t* dst, V v) {
+  for (int i = 0; i < W; ++i) dst[i] = f16_bits(v[i]);
 }
 
 #endif
@@ -390,3 +443,12 @@ constexpr int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
 }  // namespace MHATTN_TARGET
 }  // namespace mhattn
+
+// MHATTN_BF16_DOT: this target multiplies pairs of bfloat16 with vdpbf16ps: AVX512-BF16's, or
+// (amx_emulated) a plain C++ emulation of it and of the AVX-512 intrinsics around it.
+#if defined(__AVX512BF16__)
+#define MHATTN_BF16_DOT 1
+#elif defined(MHATTN_AMX_EMULATED)
+#define MHATTN_BF16_DOT 1
+#include "mhattn/avx512_emulated.h"
+#endif

@@ -18,7 +18,7 @@
 // panels side by side (walk_panels), as gemm_few_rows does: it is bound by reading B.
 #include "gemm/tile.h"
 
-#if defined(__AVX512BF16__)
+#if defined(MHATTN_BF16_DOT)
 
 namespace mhattn {
 namespace MHATTN_TARGET {
@@ -158,4 +158,4 @@ void bf16_dot_gemm(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int
 }  // namespace MHATTN_TARGET
 }  // namespace mhattn
 
-#endif  // __AVX512BF16__
+#endif  // MHATTN_BF16_DOT

@@ -477,14 +477,14 @@ Layout b_layout(DType dt) {
 }
 
 int64_t packed_size(int64_t K, int64_t N, DType dt) {
-#if defined(__AVX512BF16__)
+#if defined(MHATTN_BF16_DOT)
   if (b_layout(dt) == Layout::pairs) return bf16_dot_packed_size(K, N);
 #endif
   return round_up(N, NR) * K;
 }
 
 void pack_b(void* dst, const void* b, DType dt, int64_t ks, int64_t ns, int64_t K, int64_t N) {
-#if defined(__AVX512BF16__)
+#if defined(MHATTN_BF16_DOT)
   if (b_layout(dt) == Layout::pairs)
     return bf16_dot_pack_b(static_cast<bf16_t*>(dst), static_cast<const bf16_t*>(b), ks, ns,
                            K, N);
@@ -513,7 +513,7 @@ void gemm(const OutMap& c, const void* a, DType a_dt, int64_t a_rs, int64_t a_cs
 #if defined(MHATTN_AMX)
   if (takes_amx(b, M)) return amx_gemm(c, a, a_dt, a_rs, a_cs, b, bias, act, M);
 #endif
-#if defined(__AVX512BF16__)
+#if defined(MHATTN_BF16_DOT)
   if (b.layout == Layout::pairs) return bf16_dot_gemm(c, a, a_dt, a_rs, a_cs, b, bias, act, M);
 #endif
   with_type(a, a_dt, [&](auto ap) {

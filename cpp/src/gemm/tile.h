@@ -153,19 +153,19 @@ void walk_panels(int64_t p, int64_t p1, F&& f) {
 }
 
 // gemm/bf16_dot.cpp: bfloat16 B in Layout::pairs, multiplied with vdpbf16ps, and
-// gemm/amx.cpp: the same layout on AMX tiles. Built where the target has AVX512-BF16 (and AMX,
-// or its emulation); bf16_dot_available() says whether this one does.
+// gemm/amx.cpp: the same layout on AMX tiles. Built where the target has AVX512-BF16 (and AMX),
+// or the emulation of both (amx_emulated); bf16_dot_available() says whether this one does.
 #if defined(__AMX_BF16__) || defined(MHATTN_AMX_EMULATED)
 #define MHATTN_AMX 1
 #endif
 constexpr bool bf16_dot_available() {
-#if defined(__AVX512BF16__)
+#if defined(MHATTN_BF16_DOT)
   return true;
 #else
   return false;
 #endif
 }
-#if defined(__AVX512BF16__)
+#if defined(MHATTN_BF16_DOT)
 // Pairs of k a panel of Layout::pairs holds: K / 2 rounded up, and on AMX targets rounded up to
 // a tile's 16 rows (zero pairs), so that every step of k is whole tiles.
 #if defined(MHATTN_AMX)
