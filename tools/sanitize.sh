@@ -12,7 +12,7 @@ targets=""
 if [ -n "${MHATTN_TEST_TARGETS:-}" ]; then
   chosen=$(python3 -c "from mhattn import _core; print(_core.target())" 2>/dev/null || true)
   if [ -n "$chosen" ] || [[ "$MHATTN_TEST_TARGETS" != *chosen* ]]; then
-    targets="${MHATTN_TEST_TARGETS//chosen/$chosen}"
+    targets=$(echo "${MHATTN_TEST_TARGETS//chosen/$chosen}" | tr ',' '\n' | sort -u | paste -sd, -)
   fi
 fi
 echo "sanitize.sh: building the kernel targets: ${targets:-all}"

@@ -180,18 +180,20 @@ void pv_tile(float* o, int64_t ldo, const float* p, int64_t ldp, const VT* vp, i
     for (int c = 0; c < NV; ++c) vstore(o + i * ldo + c * W, acc[i][c]);
 }
 
-// s (R × bkp) = qs (R × E) · kt, kt in panels of KP keys (panel j / KP at kt + j·E, E × KP),
-// for any R ≤ RM; bkp is a multiple of KP. row_max[i] = max_j s[i][j].
+// s (R × n, rows apart by lds) = qs (R × E) · the first n keys of kt, kt in panels of KP keys
+// (panel j / KP at kt + j·E, E × KP), for any R ≤ RM; n is a multiple of KP. row_max[i] =
+// max_j s[i][j].
 template <int R>
-void qk_rows(float* s, float* row_max, const float* qs, const float* kt, int64_t bkp, int64_t E) {
+void qk_rows(float* s, int64_t lds, float* row_max, const float* qs, const float* kt, int64_t n,
+             int64_t E) {
   V mx[R];
   for (int i = 0; i < R; ++i) mx[i] = vset1(-INFINITY);
-  for (int64_t j = 0; j < bkp; j += KP) qk_tile<R, 2>(s + j, bkp, qs, kt + j * E, KP, E, mx);
+  for (int64_t j = 0; j < n; j += KP) qk_tile<R, 2>(s + j, lds, qs, kt + j * E, KP, E, mx);
   for (int i = 0; i < R; ++i) row_max[i] = vhmax(mx[i]);
 }
-void qk(int64_t R, float* s, float* row_max, const float* qs, const float* kt, int64_t bkp,
-        int64_t E) {
-  with_rows<RM>(R, [&](auto r) { qk_rows<decltype(r)::value>(s, row_max, qs, kt, bkp, E); });
+void qk(int64_t R, float* s, int64_t lds, float* row_max, const float* qs, const float* kt,
+        int64_t n, int64_t E) {
+  with_rows<RM>(R, [&](auto r) { qk_rows<decltype(r)::value>(s, lds, row_max, qs, kt, n, E); });
 }
 
 // The end of the direct path's Q·Kᵀ: acc[i·KG + c] holds the sum of row i and key c (KG = W / R
@@ -475,19 +477,27 @@ void pv_direct_chunks(float* o, int64_t ldo, const float* p, int64_t ldp, const 
   }
 }
 
-// o (R × evp) += p (R × bk, rows apart by ldp) · v (bk × evp), for any R ≤ RM. v is either
-// the packed block (ldv = 0: panels of KP dims, panel c / KP at v + c·bk, the last W wide when
-// evp is an odd number of vectors) or, on the direct path, v itself (rows ldv apart).
+// o (R × evp) += p (R × n, rows apart by ldp) · the first n keys of vp, the packed block of
+// bk keys (panels of KP dims, panel c / KP at vp + c·bk, bk × KP, the last W wide when evp is
+// an odd number of vectors), for any R ≤ RM.
+template <int R>
+void pv_packed_rows(float* o, const float* p, int64_t ldp, const float* vp, int64_t evp,
+                    int64_t bk, int64_t n) {
+  int64_t c = 0;
+  for (; c + KP <= evp; c += KP) pv_tile<R, 2>(o + c, evp, p, ldp, vp + c * bk, KP, n);
+  if (c < evp) pv_tile<R, 1>(o + c, evp, p, ldp, vp + c * bk, W, n);
+}
+void pv_packed(int64_t R, float* o, const float* p, int64_t ldp, const float* vp, int64_t evp,
+               int64_t bk, int64_t n) {
+  with_rows<RM>(R, [&](auto r) { pv_packed_rows<decltype(r)::value>(o, p, ldp, vp, evp, bk, n); });
+}
+
+// The direct path's o (R × evp) += p (R × bk, rows apart by ldp) · v (bk × evp, rows ldv
+// apart, where it lies), for any R ≤ RM.
 template <int R, class VT>
 void pv_rows(float* o, const float* p, int64_t ldp, const VT* v, int64_t ldv, int64_t evp,
              int64_t bk) {
   int64_t c = 0;
-  if constexpr (std::is_same_v<VT, float>)  // packed blocks are float32
-    if (ldv == 0) {
-      for (; c + KP <= evp; c += KP) pv_tile<R, 2>(o + c, evp, p, ldp, v + c * bk, KP, bk);
-      if (c < evp) pv_tile<R, 1>(o + c, evp, p, ldp, v + c * bk, W, bk);
-      return;
-    }
   // Few rows leave registers for more vectors of v per key: fewer, longer passes over v, which
   // lies in memory with its rows apart. Up to kPassAccumulators accumulators: the v vectors are
   // memory operands of the FMAs and need no registers. One pass over a 128-dim head with
@@ -705,6 +715,21 @@ void run_blocks(Pass pass, const AttnArgs& a, const Row* rows, int64_t R,
 
     for (int64_t i0 = 0; i0 < R; i0 += RM) {
       const int64_t rr = std::min<int64_t>(RM, R - i0);
+      // Of a packed block, only its first n keys when no row of these sees past them (the
+      // diagonal blocks of a causal mask), and none when no row sees any of them (a sliding
+      // window's blocks), unless the rows' weights are written: theirs cover whole blocks.
+      // (The direct path's blocks already end at the rows' last key.)
+      int64_t n = bk;
+      if (!kb.direct && !a.weights) {
+        int64_t hi = j0;  // the end of what the rows that see some of the block see
+        for (int64_t i = i0; i < i0 + rr; ++i) {
+          const int64_t end = std::min(rows[i].hi, j0 + bk);
+          if (std::max(rows[i].lo, j0) < end) hi = std::max(hi, end);
+        }
+        n = hi - j0;
+        if (n == 0) continue;  // no row of these sees the block: it changes none of them
+      }
+      const int64_t np = kb.direct ? bkp : round_up(n, KP);
       // 2. S = qs · kt for these rows.
       float s_max[RM];
       if (kb.direct) {
@@ -717,11 +742,11 @@ void run_blocks(Pass pass, const AttnArgs& a, const Row* rows, int64_t R,
 #endif
           qk_direct(rr, t.s, bkp, t.qs + i0 * E, kb.k + j0 * a.k_ss, a.k_ss, bk, E);
       } else
-        qk(rr, t.s, s_max, t.qs + i0 * E, kt, bkp, E);
+        qk(rr, t.s, bkp, s_max, t.qs + i0 * E, kt, np, E);
       // 3, 4.
       for (int64_t i = 0; i < rr; ++i)
         softmax_row(pass, a, rows[i0 + i], t.s + i * bkp, kb.direct ? nullptr : s_max + i, j0,
-                    bk, bkp, t.m[i0 + i], t.l[i0 + i], t.o + (i0 + i) * evp, evp);
+                    n, np, t.m[i0 + i], t.l[i0 + i], t.o + (i0 + i) * evp, evp);
       // 5. O += P · v.
       if (pass != Pass::Stats) {
 #if defined(MHATTN_BF16_DOT)
@@ -733,7 +758,7 @@ void run_blocks(Pass pass, const AttnArgs& a, const Row* rows, int64_t R,
           }
 #endif
         if (vd) pv(rr, t.o + i0 * evp, t.s, bkp, vd, ldv, evp, bk);
-        else pv(rr, t.o + i0 * evp, t.s, bkp, vp, 0, evp, bk);
+        else pv_packed(rr, t.o + i0 * evp, t.s, bkp, vp, evp, bk, n);
       }
     }
   }
