@@ -293,6 +293,36 @@ inline V vzero_below(V x, V lo, V r) {
   return _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), r);
 }
 
+// exp(x) for the softmax, whose x is at most 0 (or -inf, or NaN), with AVX-512's contract:
+// within 2 ulp of 2^x2, x2 = x · log2(e) in float. 2^x2 = 2^floor(k/8) · 2^(j/8) · 2^r, with
+// k = round(8 · x2), j = k mod 8 and r = x2 - k/8 in [-1/16, 1/16], exactly: adding 1.5 · 2^20,
+// whose float spacing is 1/8, rounds x2 to k/8 and leaves k in the low bits of the sum, where
+// vpermps reads j to pick 2^(j/8) from a table of 8 in one register. 2^r - 1 by four terms of
+// its series (to within 2e-9 on so short an interval). 2^floor(k/8) is built in a float's
+// exponent field and multiplied in, so NaN stays NaN; x2 is clamped at -127, whose power is
+// +0: exp(-inf) = 0, and so is anything below 2^-126. 16 instructions against vexp's 21.
+inline V vexp_softmax(V x) {
+  const V x2 = _mm256_max_ps(_mm256_set1_ps(-127.0f),  // NaN passes: max returns the 2nd
+                             _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)));
+  const V shift = _mm256_set1_ps(1572864.0f);  // 1.5 · 2^20
+  const V y = _mm256_add_ps(x2, shift);
+  const V k8 = _mm256_sub_ps(y, shift);  // k/8, exactly
+  const V r = _mm256_sub_ps(x2, k8);     // exactly
+  V poly = _mm256_fmadd_ps(r, _mm256_set1_ps(0.009618129107628477f),  // (ln2)^4 / 24
+                           _mm256_set1_ps(0.0555041086648216f));      // (ln2)^3 / 6
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(0.2402265069591007f));  // (ln2)^2 / 2
+  poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(0.6931471805599453f));
+  const V q = _mm256_mul_ps(poly, r);  // 2^r - 1
+  const V table = _mm256_setr_ps(1.0f, 1.0905077326652577f, 1.189207115002721f,
+                                 1.2968395546510096f, 1.4142135623730951f, 1.5422108254079407f,
+                                 1.681792830507429f, 1.8340080864093424f);  // 2^(j/8)
+  const V t = _mm256_permutevar8x32_ps(table, _mm256_castps_si256(y));
+  const __m256i k = _mm256_sub_epi32(_mm256_castps_si256(y), _mm256_castps_si256(shift));
+  const __m256i bits = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_srai_epi32(k, 3), _mm256_set1_epi32(127)), 23);  // 2^floor(k/8)
+  return _mm256_mul_ps(_mm256_fmadd_ps(t, q, t), _mm256_castsi256_ps(bits));
+}
+
 // W values rounded to bfloat16 and float16, as AVX-512's.
 inline void vstore_bf16(uint16_t* dst, V v) {
   const __m256i u = _mm256_castps_si256(v), one = _mm256_set1_epi32(1);
@@ -425,7 +455,9 @@ inline V vexp(V x) {
   p = vfma(p, vmul(r, r), vadd(r, vset1(1.0f)));
   return vzero_below(x, lo, vmul(p, vpow2i(n)));
 }
-// The softmax's exp (AVX-512's vexp_softmax above); vexp itself on the other targets.
+#endif
+#if !defined(MHATTN_SIMD_AVX512) && !defined(MHATTN_SIMD_AVX2)
+// The softmax's exp (AVX-512's and AVX2's vexp_softmax above): vexp itself on the portable path.
 inline V vexp_softmax(V x) { return vexp(x); }
 #endif
 

@@ -23,13 +23,14 @@ inline float vec_max(const float* x, int64_t n) {
   return m;
 }
 
-// y[j] = exp(x[j] - shift); returns the sum of the y. y may equal x.
+// y[j] = exp(x[j] - shift), x[j] - shift <= 0 (the softmax's exp, vexp_softmax); returns the
+// sum of the y. y may equal x.
 inline float vec_exp_sum(float* y, const float* x, int64_t n, float shift) {
   const V s = vset1(shift);
   V acc = vzero();
   int64_t j = 0;
   for (; j + W <= n; j += W) {
-    const V e = vexp(vsub(vload(x + j), s));
+    const V e = vexp_softmax(vsub(vload(x + j), s));
     vstore(y + j, e);
     acc = vadd(acc, e);
   }
