@@ -1267,7 +1267,10 @@ void attend_tile_lanes(const AttnArgs& a, int64_t b, int64_t kvh, int64_t r0, in
     lanes_prepare(a, kb, j0, bk, t);
     for (int64_t g = 0; g < groups; ++g) {
       if (g_hi[g] <= j0 || g_lo[g] >= j0 + bk) continue;  // no row of the group sees the block
-      lanes_block(a, kb, rows + g * W, j0, bk, lo_max[g] > j0 || hi_min[g] < j0 + bk,
+      // Only the block's first n keys when no row of the group sees past them (a causal
+      // mask's diagonal blocks).
+      const int64_t n = std::min(bk, g_hi[g] - j0);
+      lanes_block(a, kb, rows + g * W, j0, n, lo_max[g] > j0 || hi_min[g] < j0 + n,
                   t.qs + g * qn, t.m + g * W, t.l + g * W, t.o + g * Ev * W, t);
     }
   }
