@@ -729,7 +729,7 @@ void run_blocks(Pass pass, const AttnArgs& a, const Row* rows, int64_t R,
         n = hi - j0;
         if (n == 0) continue;  // no row of these sees the block: it changes none of them
       }
-      const int64_t np = kb.direct ? bkp : round_up(n, KP);
+      const int64_t np = round_up(n, KP);  // bkp on the direct path, where n = bk
       // 2. S = qs · kt for these rows.
       float s_max[RM];
       if (kb.direct) {

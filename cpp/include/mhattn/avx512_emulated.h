@@ -151,12 +151,7 @@ inline V _mm512_permutex2var_ps(V a, __m512i idx, V b) {
 // Words 0-15 are b rounded to bfloat16, words 16-31 a: to nearest even, denormals to zero.
 inline __m512bh _mm512_cvtne2ps_pbh(V a, V b) {
   Lanes<uint16_t, __m512bh> l;
-  for (int i = 0; i < 32; ++i) {
-    const float x = i < 16 ? b[i] : a[i - 16];
-    uint32_t u;
-    std::memcpy(&u, &x, sizeof u);
-    l.v[i] = (u & 0x7f800000u) == 0 ? static_cast<uint16_t>(u >> 16 & 0x8000u) : bf16_bits(x);
-  }
+  for (int i = 0; i < 32; ++i) l.v[i] = bf16_bits(ftz(i < 16 ? b[i] : a[i - 16]));
   return from_lanes(l);
 }
 // Lane i: src[i] + a.bf16[2i+1]·b.bf16[2i+1], then + a.bf16[2i]·b.bf16[2i], in float32
